@@ -1,0 +1,51 @@
+"""Every environment variable ironpod reads or sets, as named constants, in one place.
+
+Precedence everywhere is: command-line flag > ``IRONPOD_*`` environment variable > config
+file > default (STYLE.md lesson 6). The agent sets these for each worker it starts; a
+script started by hand or by ``torchrun`` may set them itself.
+"""
+
+from __future__ import annotations
+
+# -- torch.distributed's own variables (set by torchrun, by ``ironpod launch`` and by the agent)
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+WORLD_SIZE = "WORLD_SIZE"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
+
+# -- ironpod's own job context
+#: Job identifier given by the controller (free text when run by hand).
+JOB_ID = "IRONPOD_JOB_ID"
+#: Attempt number of this (re)start of the job, 0 for the first.
+ATTEMPT_ID = "IRONPOD_ATTEMPT_ID"
+#: Where durable checkpoints go: a local path or an fsspec URL (``s3://...``, ``memory://...``).
+CHECKPOINT_DIR = "IRONPOD_CHECKPOINT_DIR"
+#: Path of the agent's Unix datagram socket that receives progress beacons.
+BEACON_SOCKET = "IRONPOD_BEACON_SOCKET"
+#: "1" forces torch.distributed initialisation even with WORLD_SIZE=1, "0" forbids it.
+DISTRIBUTED = "IRONPOD_DISTRIBUTED"
+#: torch.distributed backend override ("gloo", "nccl"); default: nccl on CUDA, else gloo.
+DIST_BACKEND = "IRONPOD_DIST_BACKEND"
+#: "0" silences the one-line progress log that :func:`ironpod.train.progress` prints.
+PROGRESS_LOG = "IRONPOD_PROGRESS_LOG"
+#: Seconds torch.distributed waits in a collective before giving up (default: torch's own).
+DIST_TIMEOUT_S = "IRONPOD_DIST_TIMEOUT_S"
+
+ALL = (
+    RANK,
+    LOCAL_RANK,
+    WORLD_SIZE,
+    LOCAL_WORLD_SIZE,
+    MASTER_ADDR,
+    MASTER_PORT,
+    JOB_ID,
+    ATTEMPT_ID,
+    CHECKPOINT_DIR,
+    BEACON_SOCKET,
+    DISTRIBUTED,
+    DIST_BACKEND,
+    PROGRESS_LOG,
+    DIST_TIMEOUT_S,
+)

@@ -1,0 +1,62 @@
+"""Errors a user can act on.
+
+Every error that reaches a person is one line that names what is wrong. Library code raises
+these; entry points (the CLI, recipe mains) turn them into that line and a non-zero exit code
+with :func:`exit_on_error`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Exit code for bad input (configuration, arguments, locations): the user must change something.
+EXIT_USAGE = 2
+
+
+class IronpodError(Exception):
+    """Base class: the message is shown to the user as it is, on one line."""
+
+
+class ConfigError(IronpodError):
+    """A configuration key is unknown or a value has the wrong type or range."""
+
+
+class CheckpointError(IronpodError):
+    """A checkpoint could not be written or read."""
+
+
+class CheckpointLocationError(CheckpointError):
+    """The checkpoint location cannot be created or written."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint on storage is torn or damaged (and must never be loaded)."""
+
+
+@contextmanager
+def errors_to_exit(code: int = EXIT_USAGE) -> Iterator[None]:
+    """Turn an :class:`IronpodError` into ``error: <message>`` on stderr and ``SystemExit``."""
+    try:
+        yield
+    except IronpodError as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+
+
+def exit_on_error(fn: Callable[P, R]) -> Callable[P, R]:
+    """Decorator form of :func:`errors_to_exit` for ``main`` functions."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with errors_to_exit():
+            return fn(*args, **kwargs)
+
+    return wrapper
