@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -27,6 +28,7 @@ from ironpod import env
 LOG_PREFIX = "[ironpod] progress"
 
 Metric = int | float | str
+_FIELD_RE = re.compile(r'([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
 @dataclass(slots=True)
@@ -111,10 +113,7 @@ def parse_progress_line(line: str) -> dict[str, Metric] | None:
     if start < 0:
         return None
     fields: dict[str, Metric] = {}
-    for token in line[start + len(LOG_PREFIX) :].split():
-        key, sep, raw = token.partition("=")
-        if not sep:
-            continue
+    for key, raw in _FIELD_RE.findall(line[start + len(LOG_PREFIX) :]):
         value: Metric
         try:
             value = int(raw)
