@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: set up .venv, lint, type-check, then pytest (arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== ruff"
+.venv/bin/ruff check src recipes examples bench tests
+.venv/bin/ruff format --check src recipes examples bench tests
+echo "== mypy (strict, src/)"
+.venv/bin/mypy
+echo "== pytest"
+exec .venv/bin/python -m pytest "$@"
