@@ -9,6 +9,7 @@ checkpoint. The summary shows what the crash cost and the run's goodput.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -166,9 +167,7 @@ def run_demo(
 
 
 def _summary(attempts: list[Attempt], wall: float, steps: int, ckpt: Path) -> None:
-    durations = [
-        b[1] - a[1] for at in attempts for a, b in zip(at.steps, at.steps[1:], strict=False)
-    ]
+    durations = [b[1] - a[1] for at in attempts for a, b in itertools.pairwise(at.steps)]
     step_time = statistics.median(durations) if durations else 0.0
     executed = sum(len(a.steps) for a in attempts)
     recomputed = executed - steps
@@ -185,7 +184,7 @@ def _summary(attempts: list[Attempt], wall: float, steps: int, ckpt: Path) -> No
         table.add_row("held-out loss", f"{float(last['val_loss']):.4f}")
     table.add_row("median step time", f"{step_time * 1000:.1f} ms")
     table.add_row("wall time", f"{wall:.1f} s")
-    for prev, nxt in zip(attempts, attempts[1:], strict=False):
+    for prev, nxt in itertools.pairwise(attempts):
         if prev.killed_at is None or not nxt.steps:
             continue
         first_new = next((t for s, t, _ in nxt.steps if s > prev.steps[-1][0]), None)

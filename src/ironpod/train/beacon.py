@@ -93,7 +93,9 @@ def _plain(value: object) -> Metric:
 
 def _format_value(value: Metric) -> str:
     if isinstance(value, float):
-        return f"{value:.6g}"
+        return repr(
+            value
+        )  # shortest text that reads back as the same float: losses compare exactly
     text = str(value)
     return text if text and " " not in text and "=" not in text else json.dumps(text)
 
