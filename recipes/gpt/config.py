@@ -66,7 +66,7 @@ class TrainConfig(_Section):
     warmup: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0, lt=1 << 32)
+    seed: int = Field(0, ge=0)
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
     compile: bool = False
     parallel: Literal["none", "ddp", "fsdp2"] = "none"
@@ -109,7 +109,10 @@ class RecipeConfig(_Section):
         fields = DataConfig.model_fields
         tokenizer = data.get("tokenizer", fields["tokenizer"].default)
         vocab = BYTE_VOCAB if tokenizer == "bytes" else data.get("vocab_size", BYTE_VOCAB)
-        derived = {"vocab_size": vocab, "max_seq_len": data.get("seq_len", fields["seq_len"].default)}
+        derived = {
+            "vocab_size": vocab,
+            "max_seq_len": data.get("seq_len", fields["seq_len"].default),
+        }
         # Only well-typed values are copied: a bad one is reported once, under data.*.
         usable = {k: v for k, v in derived.items() if type(v) is int}
         return {**raw, "model": {**usable, **model}}

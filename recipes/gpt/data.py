@@ -138,7 +138,7 @@ def prepare(cfg: DataConfig) -> TokenData:
     return TokenData(tokenizer=tokenizer, train=tokens[:-n_val], val=tokens[-n_val:])
 
 
-def _rows(tokens: np.ndarray, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
+def _rows(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> torch.Tensor:
     rows = np.stack([tokens[o : o + seq_len + 1] for o in offsets.tolist()])
     return torch.from_numpy(rows.astype(np.int64))
 
@@ -178,12 +178,21 @@ class BatchLoader:
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (inputs, targets) of global batch ``index``, each (B/W, seq_len) int64."""
-        # Seeds of distinct (seed, index) pairs are distinct for any index below 2**32.
-        gen = torch.Generator().manual_seed((self.seed << 32) | index)
-        high = len(self.tokens) - self.seq_len  # exclusive: the window needs seq_len + 1 ids
-        offsets = torch.randint(0, high, (self.global_batch,), generator=gen)
-        rows = _rows(self.tokens, offsets[self._mine], self.seq_len)
+        rows = _rows(self.tokens, self.offsets(index)[self._mine], self.seq_len)
         return rows[:, :-1], rows[:, 1:]
+
+    def offsets(self, index: int) -> np.ndarray:
+        """Start of every window of global batch ``index``, the same on every rank.
+
+        ``SeedSequence((seed, index))`` hashes both numbers into PCG64's 128-bit state, so no
+        two batches share a stream (torch's CPU generator keeps only 32 bits of its seed, which
+        would repeat batches within a long run). Raw 64-bit draws are used rather than a
+        distribution method because numpy guarantees the bit stream, not the sampling
+        algorithms, across versions; the modulo bias is below 2**-30 for any corpus.
+        """
+        bits = np.random.PCG64(np.random.SeedSequence((self.seed, index)))
+        high = len(self.tokens) - self.seq_len  # exclusive: a window needs seq_len + 1 ids
+        return bits.random_raw(self.global_batch) % np.uint64(high)
 
     def __iter__(self) -> BatchLoader:
         return self
@@ -215,7 +224,7 @@ def eval_batches(
     last = len(tokens) - seq_len - 1
     if last < 0:
         raise ValueError(f"{len(tokens)} held-out tokens cannot fill a window of {seq_len} + 1")
-    offsets = torch.linspace(0, last, count).round().long()
+    offsets = np.linspace(0, last, count).round().astype(np.int64)
     mine = _rank_slice(global_batch, rank, world_size)
     out = []
     for b in range(n_batches):

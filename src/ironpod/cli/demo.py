@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ironpod import env
-from ironpod.train.beacon import parse_progress_line
+from ironpod.train.beacon import Metric, parse_progress_line
 
 console = Console()
 
@@ -37,7 +37,7 @@ class Attempt:
 
     number: int
     started: float
-    steps: list[tuple[int, float, dict[str, object]]] = field(default_factory=list)
+    steps: list[tuple[int, float, dict[str, Metric]]] = field(default_factory=list)
     resumed_from: int = 0
     exit_code: int | None = None
     killed_at: float | None = None
