@@ -93,6 +93,9 @@ def run_demo(
     if crash_at is not None and not 0 < crash_at < steps:
         console.print(f"[red]error:[/] --crash-at must be between 1 and {steps - 1}")
         return 2
+    from recipes.gpt.config import load_config
+
+    load_config(config, overrides)  # a bad setting fails here, before anything is written
     shutil.rmtree(workdir, ignore_errors=True)
     ckpt = workdir / "checkpoints"
     ckpt.mkdir(parents=True)
