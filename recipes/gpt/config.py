@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ironpod import env
 from ironpod.errors import ConfigError
-from recipes.gpt.model import ModelConfig
+from recipes.gpt.model import ModelConfig, Positive, PositiveFloat
 
 #: Where tokenizers and token streams are cached (default ``~/.cache/ironpod/gpt``).
 CACHE_DIR_ENV = "IRONPOD_CACHE_DIR"
@@ -32,6 +32,8 @@ ENV_OVERRIDES: dict[str, str] = {
 CONFIGS_DIR = Path(__file__).parent / "configs"
 BYTE_VOCAB = 256
 
+NonNegative = Annotated[int, Field(ge=0)]
+
 
 class _Section(BaseModel):
     # Strings are accepted from YAML numbers too ("--set checkpoint.dir=2024" is a path).
@@ -42,11 +44,11 @@ class DataConfig(_Section):
     """What the model reads: the corpus cap, the tokenizer and the sequence length."""
 
     tokenizer: Literal["bytes", "bpe"] = "bytes"
-    vocab_size: int = Field(BYTE_VOCAB, gt=BYTE_VOCAB - 1, le=65536, description="BPE only")
-    seq_len: int = Field(128, gt=0)
-    max_bytes: int | None = Field(None, gt=0, description="cap the corpus (UTF-8 bytes)")
-    val_fraction: float = Field(0.01, gt=0, lt=1)
-    cache_dir: str | None = Field(None, description="default ~/.cache/ironpod/gpt")
+    vocab_size: Annotated[int, Field(ge=BYTE_VOCAB, le=1 << 16)] = BYTE_VOCAB  # BPE only
+    seq_len: Positive = 128
+    max_bytes: Positive | None = None  # cap the corpus at this many UTF-8 bytes
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.01  # tail of the stream held out
+    cache_dir: str | None = None  # tokenizers and token streams; see tokenizer.cache_root
 
     @property
     def effective_vocab(self) -> int:
@@ -56,25 +58,23 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """The optimisation loop and how it is spread over processes."""
 
-    steps: int = Field(200, gt=0)
-    global_batch: int = Field(16, gt=0, description="sequences per step over all ranks")
-    micro_batch: int | None = Field(
-        None, gt=0, description="sequences per forward on one rank; None: no accumulation"
-    )
-    lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
-    warmup: int = Field(20, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0)
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
-    compile: bool = False
+    steps: Positive = 200
+    global_batch: Positive = 16  # sequences per optimizer step, over all ranks
+    micro_batch: Positive | None = None  # sequences per forward on one rank; None: no accumulation
+    lr: PositiveFloat = 3e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine floor, as a fraction of lr
+    warmup: NonNegative = 20
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    grad_clip: PositiveFloat | None = 1.0
+    seed: NonNegative = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    compile: bool = False  # torch.compile each block
     parallel: Literal["none", "ddp", "fsdp2"] = "none"
-    num_threads: int | None = Field(None, gt=0, description="torch CPU threads per process")
-    deterministic: bool = False
-    log_every: int = Field(10, gt=0)
-    eval_every: int = Field(50, gt=0)
-    eval_batches: int = Field(4, gt=0)
+    num_threads: Positive | None = None  # torch CPU threads per process; None: torch's choice
+    deterministic: bool = False  # torch.use_deterministic_algorithms, for bitwise resumes
+    log_every: Positive = 10
+    eval_every: Positive = 50
+    eval_batches: Positive = 4
 
 
 class CheckpointConfig(_Section):
@@ -82,11 +82,11 @@ class CheckpointConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, populate_by_name=True)
 
-    dir: str | None = None
-    every: int = Field(50, gt=0)
-    keep_last: int = Field(2, gt=0)
-    keep_every: int | None = Field(None, gt=0)
-    async_save: bool = Field(True, alias="async", description="false: wait for each save")
+    dir: str | None = None  # local path or fsspec URL
+    every: Positive = 50
+    keep_last: Positive = 2
+    keep_every: Positive | None = None  # also keep every N-th step for good
+    async_save: Annotated[bool, Field(alias="async")] = True  # false: wait for each save
 
 
 class RecipeConfig(_Section):

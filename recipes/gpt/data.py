@@ -112,7 +112,8 @@ def tokenize(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str | None = None)
         return buf.getvalue()
 
     payload = cached_bytes(cache_root(cache_dir) / key, build)
-    return np.load(io.BytesIO(payload), allow_pickle=False)
+    tokens: np.ndarray = np.load(io.BytesIO(payload), allow_pickle=False)
+    return tokens
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,15 @@ state dict holds only parameters.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F  # noqa: N812 (the universal PyTorch spelling)
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class ModelConfig(BaseModel):
@@ -22,20 +26,18 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dim: int = Field(128, gt=0, description="width of the residual stream")
-    n_layers: int = Field(4, gt=0)
-    n_heads: int = Field(4, gt=0)
-    n_kv_heads: int | None = Field(
-        None, gt=0, description="key/value heads for grouped-query attention; None: n_heads"
-    )
-    vocab_size: int = Field(256, gt=0)
-    multiple_of: int = Field(32, gt=0, description="round the SwiGLU width up to this")
-    ffn_dim_multiplier: float | None = Field(None, gt=0)
-    max_seq_len: int = Field(128, gt=0, description="longest sequence the RoPE table covers")
-    rope_theta: float = Field(10000.0, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
+    dim: Positive = 128  # width of the residual stream
+    n_layers: Positive = 4
+    n_heads: Positive = 4
+    n_kv_heads: Positive | None = None  # grouped-query attention; None: as many as n_heads
+    vocab_size: Positive = 256
+    multiple_of: Positive = 32  # round the SwiGLU width up to a multiple of this
+    ffn_dim_multiplier: PositiveFloat | None = None
+    max_seq_len: Positive = 128  # longest sequence the RoPE table covers
+    rope_theta: PositiveFloat = 10000.0
+    norm_eps: PositiveFloat = 1e-5
     tie_embeddings: bool = False
-    init_std: float = Field(0.02, gt=0)
+    init_std: PositiveFloat = 0.02
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -117,7 +119,8 @@ class Attention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+        out: torch.Tensor = self.wo(y.transpose(1, 2).reshape(batch, seq, -1))
+        return out
 
 
 class FeedForward(nn.Module):
@@ -130,7 +133,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out: torch.Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out
 
 
 class Block(nn.Module):
@@ -145,11 +149,15 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
-        return x + self.feed_forward(self.ffn_norm(x))
+        out: torch.Tensor = x + self.feed_forward(self.ffn_norm(x))
+        return out
 
 
 class Transformer(nn.Module):
     """The decoder. ``forward(tokens)`` returns next-token logits of shape (B, T, vocab)."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, *, seed: int = 0) -> None:
         super().__init__()
@@ -198,7 +206,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        logits: torch.Tensor = self.output(self.norm(h))
+        return logits
 
     def num_params(self) -> int:
         """Parameters, counting a tied embedding/output matrix once. Works on the meta device."""
