@@ -22,9 +22,7 @@ def test_unwritable_checkpoint_location(tmp_path: Path) -> None:
     blocker.write_text("x")
     env = clean_env(IRONPOD_CACHE_DIR=str(tmp_path / "cache"))
     target = blocker / "ckpt"
-    proc = python(
-        ["-m", "recipes.gpt.train", *TINY, "--set", f"checkpoint.dir={target}"], env=env
-    )
+    proc = python(["-m", "recipes.gpt.train", *TINY, "--set", f"checkpoint.dir={target}"], env=env)
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "checkpoint location", str(target), "not writable")
     assert blocker.read_text() == "x"
