@@ -1,0 +1,136 @@
+"""The job spec: what a user submits, as YAML or CLI flags, validated field by field.
+
+One spec runs unchanged on a laptop cluster (`ironpod up`), bare metal, Slurm and Kubernetes.
+Field names follow torchrun and HyperPod where they have one (nodes, nproc_per_node, spares,
+max restarts in a window, exit codes that mean "do not restart").
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ironpod.errors import ConfigError
+
+API_VERSION = "ironpod/v1"
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RestartPolicy(_Strict):
+    """When and how a failed attempt is restarted (HyperPod's restartPolicy, torchrun's flags)."""
+
+    max_restarts: int = Field(10, ge=0, description="restarts allowed within `window_s`")
+    window_s: float = Field(3600.0, gt=0, description="sliding window for max_restarts")
+    in_place_first: bool = Field(
+        True, description="restart on the same nodes while they are healthy, else replace"
+    )
+    node_failures_to_quarantine: int = Field(
+        2, ge=1, description="failures of one node within the window that quarantine it"
+    )
+    hang_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="no progress for this long is a hang; None: derived from step times",
+    )
+    hang_floor_s: float = Field(30.0, gt=0, description="smallest derived hang timeout")
+    hang_factor: float = Field(10.0, gt=1, description="derived timeout = factor x median step")
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="time allowed from start to the first progress"
+    )
+    progress_regex: str | None = Field(
+        None, description="a log line matching this counts as progress (unmodified scripts)"
+    )
+    no_restart_exit_codes: list[int] = Field(
+        default_factory=lambda: [2], description="exit codes that fail the job at once"
+    )
+
+    @field_validator("progress_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class JobSpec(_Strict):
+    """A training job."""
+
+    api_version: Literal["ironpod/v1"] = Field(API_VERSION, alias="apiVersion")
+    name: str
+    team: str = "default"
+    priority: int = Field(0, ge=-1000, le=1000)
+    nodes: int = Field(1, ge=1, le=4096)
+    nproc_per_node: int = Field(1, ge=1, le=256)
+    command: list[str] = Field(min_length=1, description="argv; run through a shell only if asked")
+    shell: bool = Field(False, description="run `command` as one string through /bin/sh -c")
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    checkpoint_dir: str | None = None
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be lowercase letters, digits and '-', at most 63 characters")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nproc_per_node
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str:
+    """One line naming the first bad field: ``spec: restart.max_restarts: ...``."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{prefix}: unknown field '{where}'"
+    if first["type"] == "missing":
+        return f"{prefix}: missing required field '{where}'"
+    given = first.get("input")
+    shown = f" (got {given!r})" if isinstance(given, str | int | float | bool) else ""
+    return f"{prefix}: {where}: {first['msg']}{shown}"
+
+
+def parse_spec(data: Any, *, source: str = "spec") -> JobSpec:
+    """Validate a mapping (from YAML or JSON) into a :class:`JobSpec` or raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    return parse_spec(data, source=str(path))

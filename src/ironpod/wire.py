@@ -1,0 +1,123 @@
+"""What the controller and the agents say to each other (JSON over HTTP, pydantic models).
+
+The agent speaks first and often: it registers, then heartbeats every second with the state of
+its workers; the reply carries the desired state (the assignment this node should run, if any),
+which the agent converges to, as a kubelet does. A worker's exit or hang is also reported at
+once in its own request, not at the next heartbeat, because detection time is goodput.
+
+Routes (all under ``/api/v1``, bearer token = the node join token or the admin token):
+
+- ``POST /nodes/register``            NodeRegistration -> RegistrationReply
+- ``POST /nodes/{node_id}/heartbeat`` Heartbeat -> HeartbeatReply
+- ``POST /nodes/{node_id}/events``    WorkerEvent -> {"ok": true}
+
+The agent serves its workers' logs at ``GET {agent_url}/logs/{attempt_id}/{rank}?offset=N``
+(same bearer token), which the controller proxies for ``ironpod logs``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GpuInfo(_Wire):
+    index: int
+    name: str
+    uuid: str
+    memory_bytes: int
+
+
+class NodeRegistration(_Wire):
+    name: str = Field(min_length=1, max_length=128)
+    hostname: str
+    address: str = Field(description="address workers of other nodes reach this node at")
+    agent_url: str = Field(description="base URL of the agent's own HTTP server (logs)")
+    agent_instance: str = Field(description="new random id per agent process start")
+    cpus: int = Field(ge=1)
+    memory_bytes: int = Field(ge=0)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    agent_version: str
+    time_unix: float
+
+
+class RegistrationReply(_Wire):
+    node_id: int
+    heartbeat_interval_s: float
+
+
+WorkerState = Literal["running", "exited"]
+
+
+class WorkerStatus(_Wire):
+    attempt_id: int
+    rank: int
+    local_rank: int
+    pid: int
+    state: WorkerState
+    exit_code: int | None = None
+    signal: int | None = None
+    started_unix: float
+    ended_unix: float | None = None
+    last_step: int | None = None
+    last_progress_unix: float | None = None
+    first_progress_unix: float | None = None
+    median_step_s: float | None = None
+    metrics: dict[str, float | int | str] = Field(default_factory=dict)
+
+
+class Heartbeat(_Wire):
+    agent_instance: str
+    time_unix: float
+    workers: list[WorkerStatus] = Field(default_factory=list)
+
+
+class Assignment(_Wire):
+    """What one node runs for one attempt: ``len(ranks)`` workers with these global ranks."""
+
+    attempt_id: int
+    job_id: int
+    job_name: str
+    command: list[str]
+    shell: bool = False
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="job env plus IRONPOD_*; the agent adds RANK/LOCAL_RANK/... per worker",
+    )
+    workdir: str | None = None
+    ranks: list[int]
+    world_size: int
+    node_rank: int
+    nnodes: int
+    master_addr: str
+    master_port: int
+    hang_timeout_s: float | None = None
+    hang_floor_s: float = 30.0
+    hang_factor: float = 10.0
+    startup_timeout_s: float = 600.0
+    progress_regex: str | None = None
+
+
+class HeartbeatReply(_Wire):
+    assignment: Assignment | None = None
+    stop_grace_s: float = 10.0
+    reregister: bool = Field(False, description="the controller does not know this agent")
+
+
+WorkerEventKind = Literal["exited", "hung", "first_progress"]
+
+
+class WorkerEvent(_Wire):
+    attempt_id: int
+    rank: int
+    kind: WorkerEventKind
+    time_unix: float
+    exit_code: int | None = None
+    signal: int | None = None
+    detail: str = ""
