@@ -33,6 +33,14 @@ PROGRESS_LOG = "IRONPOD_PROGRESS_LOG"
 #: Seconds torch.distributed waits in a collective before giving up (default: torch's own).
 DIST_TIMEOUT_S = "IRONPOD_DIST_TIMEOUT_S"
 
+# -- the CLI and the local cluster
+#: Directory of the local cluster and the CLI's defaults (default ``~/.ironpod``).
+HOME = "IRONPOD_HOME"
+#: Controller URL for the CLI (default: the local cluster's, from ``$IRONPOD_HOME``).
+URL = "IRONPOD_URL"
+#: Bearer token for the CLI (default: the local cluster's admin token).
+TOKEN = "IRONPOD_TOKEN"
+
 ALL = (
     RANK,
     LOCAL_RANK,
@@ -48,4 +56,7 @@ ALL = (
     DIST_BACKEND,
     PROGRESS_LOG,
     DIST_TIMEOUT_S,
+    HOME,
+    URL,
+    TOKEN,
 )

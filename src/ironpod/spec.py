@@ -66,7 +66,7 @@ class RestartPolicy(_Strict):
 class JobSpec(_Strict):
     """A training job."""
 
-    api_version: Literal["ironpod/v1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["ironpod/v1"] = Field("ironpod/v1", alias="apiVersion")
     name: str
     team: str = "default"
     priority: int = Field(0, ge=-1000, le=1000)
@@ -77,7 +77,7 @@ class JobSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
     checkpoint_dir: str | None = None
-    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    restart: RestartPolicy = Field(default_factory=lambda: RestartPolicy())
     spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -1,0 +1,39 @@
+"""Bearer tokens: one admin token (people, the CLI) and one node join token (agents).
+
+Both are generated at the controller's first start and kept in ``tokens.json`` in its state
+directory, mode 0600, written atomically. Agents may use only the node routes; the admin token
+opens everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKENS_FILE = "tokens.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    admin: str
+    join: str
+
+
+def load_or_create_tokens(state_dir: Path) -> Tokens:
+    path = state_dir / TOKENS_FILE
+    if path.exists():
+        data = json.loads(path.read_text())
+        return Tokens(admin=data["admin"], join=data["join"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokens = Tokens(admin=secrets.token_urlsafe(32), join=secrets.token_urlsafe(32))
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"admin": tokens.admin, "join": tokens.join}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return tokens

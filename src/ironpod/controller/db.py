@@ -1,0 +1,146 @@
+"""The controller's state in SQL: nodes, jobs, attempts, events (SQLAlchemy 2).
+
+SQLite (a file) by default, PostgreSQL by URL. The schema is created and upgraded only by the
+alembic migrations in ``migrations/``, so an existing database moves forward with the code.
+Times are unix seconds (floats): they cross the wire as numbers and compare without timezones.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from ironpod.errors import ConfigError
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def now() -> float:
+    return time.time()
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    address: Mapped[str] = mapped_column(String(255))
+    agent_url: Mapped[str] = mapped_column(String(512))
+    agent_instance: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    registered_unix: Mapped[float] = mapped_column(Float, default=now)
+    last_heartbeat_unix: Mapped[float] = mapped_column(Float, default=now)
+    clock_skew_s: Mapped[float] = mapped_column(Float, default=0.0)
+    failures: Mapped[list[float]] = mapped_column(JSON, default=list)
+    attempt_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    team: Mapped[str] = mapped_column(String(128))
+    priority: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_unix: Mapped[float] = mapped_column(Float, default=now)
+    started_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    restarts: Mapped[list[float]] = mapped_column(JSON, default=list)
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    node_ids: Mapped[list[int]] = mapped_column(JSON)
+    master_addr: Mapped[str] = mapped_column(String(255))
+    master_port: Mapped[int] = mapped_column(Integer)
+    created_unix: Mapped[float] = mapped_column(Float, default=now)
+    running_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    first_step_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_progress_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    first_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    median_step_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    end_cause: Mapped[str] = mapped_column(Text, default="")
+    ranks: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time_unix: Mapped[float] = mapped_column(Float, default=now, index=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    cause: Mapped[str] = mapped_column(Text, default="")
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    attempt_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and a busy timeout for concurrent readers."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except Exception as exc:
+        raise ConfigError(f"database URL {url!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(conn: Any, _record: Any) -> None:
+            cursor = conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Any]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def migrate(url: str) -> None:
+    """Bring the database at ``url`` to the newest schema (alembic ``upgrade head``)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(cfg, "head")

@@ -1,0 +1,78 @@
+"""The goodput ledger: where a job's wall time went.
+
+Computed from the attempt rows (when each started, reached its first step, made its last
+progress and ended, and which steps it covered), never from guesses:
+
+- queued: submission to the first attempt's creation;
+- startup and restore: attempt creation to its first step (process start, rendezvous, restore);
+- productive: steps kept in the end, at each attempt's measured time per step;
+- recomputed: steps run again after a restore from an older checkpoint;
+- lost: progress that happened after the last kept step of a failed attempt until its failure
+  was detected, and the gap from failure to the next attempt (detect, decide, restart);
+- ETTR = productive / wall.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ironpod.controller.db import Attempt, Job
+
+
+def _step_time(attempt: Attempt) -> float | None:
+    if attempt.median_step_s:
+        return attempt.median_step_s
+    if (
+        attempt.first_step_unix is not None
+        and attempt.last_progress_unix is not None
+        and attempt.first_step is not None
+        and attempt.last_step is not None
+        and attempt.last_step > attempt.first_step
+    ):
+        span = attempt.last_progress_unix - attempt.first_step_unix
+        return span / (attempt.last_step - attempt.first_step)
+    return None
+
+
+def goodput(job: Job, attempts: list[Attempt], now: float) -> dict[str, Any]:
+    end = job.ended_unix or now
+    wall = max(end - job.created_unix, 1e-9)
+    ordered = sorted(attempts, key=lambda a: a.number)
+    queued = (ordered[0].created_unix - job.created_unix) if ordered else wall
+    startup = 0.0
+    productive = 0.0
+    recomputed_s = 0.0
+    recomputed_steps = 0
+    gaps = 0.0
+    for i, attempt in enumerate(ordered):
+        if attempt.first_step_unix is not None:
+            startup += attempt.first_step_unix - attempt.created_unix
+        if i > 0 and ordered[i - 1].ended_unix is not None:
+            gaps += max(0.0, attempt.created_unix - (ordered[i - 1].ended_unix or 0.0))
+        step_s = _step_time(attempt)
+        if step_s is None or attempt.first_step is None or attempt.last_step is None:
+            continue
+        begin = attempt.first_step - 1
+        # Steps of this attempt re-run by a later one: those past the later one's resume point.
+        kept_until = attempt.last_step
+        for later in ordered[i + 1 :]:
+            if later.first_step is not None:
+                kept_until = min(kept_until, later.first_step - 1)
+        kept = max(0, kept_until - begin)
+        redone = max(0, attempt.last_step - max(kept_until, begin))
+        productive += kept * step_s
+        recomputed_s += redone * step_s
+        recomputed_steps += redone
+    other = max(0.0, wall - queued - startup - productive - recomputed_s - gaps)
+    return {
+        "wall_s": wall,
+        "queued_s": queued,
+        "startup_restore_s": startup,
+        "productive_s": productive,
+        "recomputed_s": recomputed_s,
+        "recomputed_steps": recomputed_steps,
+        "recovery_gap_s": gaps,
+        "other_s": other,
+        "restarts": max(0, len(ordered) - 1),
+        "ettr": productive / wall,
+    }
