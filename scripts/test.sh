@@ -8,5 +8,9 @@ echo "== ruff"
 .venv/bin/ruff format --check src recipes examples bench tests
 echo "== mypy (strict, src/)"
 .venv/bin/mypy
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== services (PostgreSQL)"
+    eval "$(bash scripts/services.sh)"
+fi
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,332 @@
+"""The controller's decisions through its real API and SQL (SQLite), agents played by the test.
+
+End-to-end tests with real agents and workers live in test_cluster.py; here each decision is
+driven step by step, so every branch of the recovery policy is checked deterministically.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ironpod.controller.api import create_app
+from ironpod.controller.auth import load_or_create_tokens
+from ironpod.controller.service import Controller, ControllerConfig
+from ironpod.states import JOB_TRANSITIONS, IllegalTransitionError, JobState, check_transition
+
+POSTGRES_ENV = "IRONPOD_TEST_POSTGRES_URL"
+SPEC = {"apiVersion": "ironpod/v1", "name": "train", "nodes": 1, "command": ["python", "x.py"]}
+
+
+def fresh_postgres_database() -> str:
+    """A new empty database on the test server, dropped at exit."""
+    import atexit
+    import uuid
+
+    import sqlalchemy
+
+    admin_url = os.environ[POSTGRES_ENV]
+    name = f"ironpod_t_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"create database {name}"))
+
+    def drop() -> None:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"drop database if exists {name} with (force)"))
+        engine.dispose()
+
+    atexit.register(drop)
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ironpod.db'}"
+    if not os.environ.get(POSTGRES_ENV):
+        pytest.skip(f"no PostgreSQL server: {POSTGRES_ENV} is not set (scripts/services.sh)")
+    return fresh_postgres_database()
+
+
+class Cluster:
+    """A controller and the HTTP client of a person (admin) and of agents (join token)."""
+
+    def __init__(self, state_dir: Path, db_url: str, **config: Any) -> None:
+        self.state_dir = state_dir
+        self.url = db_url
+        self.tokens = load_or_create_tokens(state_dir)
+        self.controller = Controller(db_url, state_dir, ControllerConfig(**config))
+        client = TestClient(create_app(self.controller, self.tokens))
+        self.http = client
+        self.admin = {"Authorization": f"Bearer {self.tokens.admin}"}
+        self.agent = {"Authorization": f"Bearer {self.tokens.join}"}
+        self.instances: dict[str, str] = {}
+
+    def register(self, name: str, instance: str = "i1") -> int:
+        self.instances[name] = instance
+        body = {
+            "name": name,
+            "hostname": name,
+            "address": "127.0.0.1",
+            "agent_url": "http://127.0.0.1:1",
+            "agent_instance": instance,
+            "cpus": 2,
+            "memory_bytes": 1 << 30,
+            "agent_version": "test",
+            "time_unix": time.time(),
+        }
+        reply = self.http.post("/api/v1/nodes/register", json=body, headers=self.agent)
+        assert reply.status_code == 200, reply.text
+        return int(reply.json()["node_id"])
+
+    def heartbeat(
+        self, node_id: int, name: str, workers: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        body = {
+            "agent_instance": self.instances[name],
+            "time_unix": time.time(),
+            "workers": workers or [],
+        }
+        reply = self.http.post(f"/api/v1/nodes/{node_id}/heartbeat", json=body, headers=self.agent)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    def event(self, node_id: int, attempt_id: int, rank: int, kind: str, **fields: Any) -> None:
+        body = {
+            "attempt_id": attempt_id,
+            "rank": rank,
+            "kind": kind,
+            "time_unix": time.time(),
+            **fields,
+        }
+        reply = self.http.post(f"/api/v1/nodes/{node_id}/events", json=body, headers=self.agent)
+        assert reply.status_code == 200, reply.text
+
+    def submit(self, **overrides: Any) -> int:
+        reply = self.http.post("/api/v1/jobs", json={**SPEC, **overrides}, headers=self.admin)
+        assert reply.status_code == 201, reply.text
+        return int(reply.json()["id"])
+
+    def job(self, ref: int | str) -> dict[str, Any]:
+        reply = self.http.get(f"/api/v1/jobs/{ref}", headers=self.admin)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        reply = self.http.get("/api/v1/nodes", headers=self.admin)
+        return {n["name"]: n for n in reply.json()}
+
+    def events(self, job_id: int) -> list[dict[str, Any]]:
+        reply = self.http.get("/api/v1/events", params={"job": job_id}, headers=self.admin)
+        return list(reply.json())
+
+
+def running(attempt_id: int, rank: int = 0, step: int | None = None) -> dict[str, Any]:
+    return {
+        "attempt_id": attempt_id,
+        "rank": rank,
+        "local_rank": rank,
+        "pid": 1000 + rank,
+        "state": "running",
+        "started_unix": time.time(),
+        "last_step": step,
+        "last_progress_unix": time.time() if step else None,
+        "median_step_s": 0.1 if step else None,
+    }
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, db_url: str) -> Cluster:
+    return Cluster(tmp_path / "controller", db_url, reserve_spares=0)
+
+
+def test_tokens_are_private_and_required(cluster: Cluster) -> None:
+    assert (cluster.state_dir / "tokens.json").stat().st_mode & 0o777 == 0o600
+    assert cluster.http.get("/api/v1/jobs").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert cluster.http.get("/api/v1/jobs", headers=wrong).status_code == 403
+    assert cluster.http.get("/api/v1/jobs", headers=cluster.agent).status_code == 403
+    assert cluster.http.get("/api/v1/jobs", headers=cluster.admin).status_code == 200
+    register = cluster.http.post("/api/v1/nodes/register", json={}, headers=wrong)
+    assert register.status_code == 403
+    assert "/api/v1/jobs" in cluster.http.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**SPEC, "nodez": 2}, "nodez"),
+        ({**SPEC, "nodes": "two"}, "nodes"),
+        ({**SPEC, "restart": {"max_restarts": -1}}, "restart.max_restarts"),
+        ({**SPEC, "command": []}, "command"),
+        ({**SPEC, "name": "Bad_Name"}, "name"),
+        ({"name": "x"}, "command"),
+    ],
+)
+def test_bad_specs_get_422_naming_the_field(
+    cluster: Cluster, body: dict[str, Any], field: str
+) -> None:
+    reply = cluster.http.post("/api/v1/jobs", json=body, headers=cluster.admin)
+    assert reply.status_code == 422
+    assert field in reply.json()["detail"]
+
+
+def test_bad_agent_bodies_get_4xx_not_500(cluster: Cluster) -> None:
+    reply = cluster.http.post("/api/v1/nodes/register", json={"name": ""}, headers=cluster.agent)
+    assert reply.status_code == 422
+    node = cluster.register("n1")
+    bad = {"attempt_id": 999, "rank": 0, "kind": "exited", "time_unix": 0}
+    reply = cluster.http.post(f"/api/v1/nodes/{node}/events", json=bad, headers=cluster.agent)
+    assert reply.status_code == 404
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/events", json={"kind": "nope"}, headers=cluster.agent
+    )
+    assert reply.status_code == 422
+    assert cluster.http.get("/api/v1/jobs/nope", headers=cluster.admin).status_code == 404
+
+
+def test_job_runs_to_success(cluster: Cluster) -> None:
+    node = cluster.register("n1")
+    job = cluster.submit()
+    cluster.controller.reconcile()
+    assignment = cluster.heartbeat(node, "n1")["assignment"]
+    assert assignment["ranks"] == [0] and assignment["world_size"] == 1
+    assert assignment["env"]["IRONPOD_JOB_ID"] == str(job)
+    attempt = assignment["attempt_id"]
+    cluster.heartbeat(node, "n1", [running(attempt, step=5)])
+    assert cluster.job(job)["state"] == "running"
+    cluster.event(node, attempt, 0, "exited", exit_code=0)
+    view = cluster.job(job)
+    assert view["state"] == "succeeded"
+    assert cluster.nodes()["n1"]["state"] == "ready"
+    assert cluster.heartbeat(node, "n1")["assignment"] is None
+
+
+def test_crash_restarts_in_place_then_quarantines_and_uses_a_spare(
+    tmp_path: Path, db_url: str
+) -> None:
+    cluster = Cluster(tmp_path / "c", db_url, reserve_spares=1)
+    a, b = cluster.register("a"), cluster.register("b")
+    job = cluster.submit(restart={"node_failures_to_quarantine": 2})
+    cluster.controller.reconcile()
+    first = cluster.job(job)["attempts"][0]
+    assert first["node_ids"] == [a]  # b is held back as the spare
+    cluster.event(a, first["id"], 0, "exited", exit_code=1)
+    assert cluster.job(job)["state"] == "recovering"
+    cluster.controller.reconcile()
+    second = cluster.job(job)["attempts"][1]
+    assert second["node_ids"] == [a]  # in place: a is still healthy after one failure
+    cluster.event(a, second["id"], 0, "exited", signal=9, exit_code=-9)
+    assert cluster.nodes()["a"]["state"] == "quarantined"
+    cluster.controller.reconcile()
+    third = cluster.job(job)["attempts"][2]
+    assert third["node_ids"] == [b]
+    causes = [e["cause"] for e in cluster.events(job) if e["kind"] == "fault_detected"]
+    assert causes == [
+        "crash: rank 0 on a exited with code 1",
+        "crash: rank 0 on a killed by signal 9",
+    ]
+
+
+def test_hang_report_fails_the_attempt(cluster: Cluster) -> None:
+    node = cluster.register("n1")
+    job = cluster.submit()
+    cluster.controller.reconcile()
+    attempt = cluster.job(job)["attempts"][0]["id"]
+    cluster.event(node, attempt, 0, "hung", detail="no progress for 31 s")
+    view = cluster.job(job)
+    assert view["state"] == "recovering"
+    assert view["attempts"][0]["end_cause"].startswith("hang: rank 0 on n1")
+
+
+def test_lost_node_is_replaced_and_a_job_without_nodes_waits(tmp_path: Path, db_url: str) -> None:
+    cluster = Cluster(tmp_path / "c", db_url, node_lost_after_s=0.2)
+    a, b = cluster.register("a"), cluster.register("b")
+    job = cluster.submit(nodes=2)
+    cluster.controller.reconcile()
+    attempt = cluster.job(job)["attempts"][0]
+    time.sleep(0.3)
+    cluster.heartbeat(b, "b")  # only b stays alive
+    cluster.controller.reconcile()
+    assert cluster.nodes()["a"]["state"] == "lost"
+    view = cluster.job(job)
+    assert view["state"] == "recovering" and view["attempts"][0]["end_cause"].startswith(
+        "node lost: a"
+    )
+    assert attempt["state"] == "starting"
+    cluster.controller.reconcile()
+    assert cluster.job(job)["reason"] == "waiting for 1 healthy node(s)"
+    cluster.register("c")
+    cluster.controller.reconcile()
+    nodes = cluster.job(job)["attempts"][1]["node_ids"]
+    assert a not in nodes and b in nodes and len(nodes) == 2
+
+
+def test_agent_restart_fails_its_attempt(cluster: Cluster) -> None:
+    node = cluster.register("n1", instance="first")
+    job = cluster.submit()
+    cluster.controller.reconcile()
+    cluster.register("n1", instance="second")
+    view = cluster.job(job)
+    assert view["attempts"][0]["end_cause"] == "agent restarted on node n1"
+    stale = {"agent_instance": "first", "time_unix": time.time(), "workers": []}
+    reply = cluster.http.post(f"/api/v1/nodes/{node}/heartbeat", json=stale, headers=cluster.agent)
+    assert reply.json()["reregister"] is True
+
+
+def test_restart_limit_and_no_restart_exit_codes(cluster: Cluster) -> None:
+    node = cluster.register("n1")
+    job = cluster.submit(restart={"max_restarts": 1, "node_failures_to_quarantine": 5})
+    for _ in range(2):
+        cluster.controller.reconcile()
+        attempt = cluster.job(job)["attempts"][-1]["id"]
+        cluster.event(node, attempt, 0, "exited", exit_code=1)
+    cluster.controller.reconcile()
+    view = cluster.job(job)
+    assert view["state"] == "failed" and view["reason"].startswith("restart limit")
+
+    other = cluster.submit(name="other")
+    cluster.controller.reconcile()
+    attempt = cluster.job(other)["attempts"][-1]["id"]
+    cluster.event(node, attempt, 0, "exited", exit_code=2)
+    assert cluster.job(other)["state"] == "failed"
+
+
+def test_controller_restart_keeps_every_record(tmp_path: Path, db_url: str) -> None:
+    cluster = Cluster(tmp_path / "c", db_url)
+    node = cluster.register("n1")
+    job = cluster.submit()
+    cluster.controller.reconcile()
+    attempt = cluster.job(job)["attempts"][0]["id"]
+    cluster.heartbeat(node, "n1", [running(attempt, step=3)])
+    before = cluster.job(job)
+    cluster.controller.engine.dispose()
+
+    again = Cluster(tmp_path / "c", db_url)
+    again.instances = cluster.instances
+    assert again.tokens == cluster.tokens
+    after = again.job(job)
+    assert after["state"] == before["state"] == "running"
+    assert after["attempts"][0]["last_step"] == 3
+    assert again.heartbeat(node, "n1")["assignment"]["attempt_id"] == attempt
+
+
+def test_cancel_stops_the_attempt(cluster: Cluster) -> None:
+    node = cluster.register("n1")
+    job = cluster.submit()
+    cluster.controller.reconcile()
+    reply = cluster.http.post(f"/api/v1/jobs/{job}/cancel", headers=cluster.admin)
+    assert reply.json()["state"] == "cancelled"
+    assert cluster.heartbeat(node, "n1")["assignment"] is None
+    assert cluster.nodes()["n1"]["state"] == "ready"
+
+
+def test_illegal_transition_is_an_error() -> None:
+    with pytest.raises(IllegalTransitionError, match="succeeded -> running"):
+        check_transition(JOB_TRANSITIONS, JobState.SUCCEEDED, JobState.RUNNING)
