@@ -22,13 +22,22 @@ class Tokens:
     join: str
 
 
-def load_or_create_tokens(state_dir: Path) -> Tokens:
+def load_or_create_tokens(state_dir: Path, preset: str | None = None) -> Tokens:
+    """The tokens of this state directory, created at first use.
+
+    ``preset`` (from ``IRONPOD_TOKEN``) becomes both tokens of a new directory: ``ironpod
+    launch`` uses it where nodes share a secret but no file system (Kubernetes).
+    """
     path = state_dir / TOKENS_FILE
     if path.exists():
         data = json.loads(path.read_text())
         return Tokens(admin=data["admin"], join=data["join"])
     state_dir.mkdir(parents=True, exist_ok=True)
-    tokens = Tokens(admin=secrets.token_urlsafe(32), join=secrets.token_urlsafe(32))
+    tokens = (
+        Tokens(admin=preset, join=preset)
+        if preset
+        else Tokens(admin=secrets.token_urlsafe(32), join=secrets.token_urlsafe(32))
+    )
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
