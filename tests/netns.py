@@ -9,6 +9,7 @@ Needs root; :func:`skip_reason` says why not when it cannot work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -97,10 +98,8 @@ class Hosts:
             # Anything still running inside (workers of a killed agent) dies with its namespace.
             pids = _ip("netns", "pids", self.namespace(i), check=False).stdout.split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
             _ip("link", "del", self.veth(i), check=False)
             _ip("netns", "del", self.namespace(i), check=False)
         _ip("link", "del", self.bridge, check=False)

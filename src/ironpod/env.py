@@ -14,6 +14,8 @@ WORLD_SIZE = "WORLD_SIZE"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
+GROUP_RANK = "GROUP_RANK"
+NODE_RANK = "NODE_RANK"
 
 # -- ironpod's own job context
 #: Job identifier given by the controller (free text when run by hand).
@@ -41,6 +43,11 @@ URL = "IRONPOD_URL"
 #: Bearer token for the CLI (default: the local cluster's admin token).
 TOKEN = "IRONPOD_TOKEN"
 
+#: A secret that a NEW controller state directory adopts as both its admin and join token
+#: (``ironpod launch`` on nodes that share a secret but no file system). Separate from TOKEN so
+#: that a person's CLI token never silently becomes a controller's join token.
+PRESET_TOKEN = "IRONPOD_PRESET_TOKEN"
+
 ALL = (
     RANK,
     LOCAL_RANK,
@@ -59,4 +66,5 @@ ALL = (
     HOME,
     URL,
     TOKEN,
+    PRESET_TOKEN,
 )

@@ -18,6 +18,11 @@ R = TypeVar("R")
 
 #: Exit code for bad input (configuration, arguments, locations): the user must change something.
 EXIT_USAGE = 2
+#: Exit code of a worker that stopped because it was asked to (SIGTERM: preemption, drain,
+#: cancel) after saving its state, and of ``ironpod launch`` asking to be requeued. Distinct
+#: from a crash so the controller restarts rather than counts a failure. 75 is EX_TEMPFAIL in
+#: sysexits.h: "try again later".
+EXIT_PREEMPTED = 75
 
 
 class IronpodError(Exception):

@@ -27,8 +27,7 @@ from typing import Any
 import httpx
 
 from ironpod import env
-from ironpod.errors import ConfigError, IronpodError
-from ironpod.train.context import EXIT_PREEMPTED
+from ironpod.errors import EXIT_PREEMPTED, ConfigError, IronpodError
 
 EXIT_REQUEUE = EXIT_PREEMPTED
 TERMINAL = {"succeeded": 0, "failed": 1, "cancelled": 1}
@@ -130,7 +129,7 @@ def launch(cfg: LaunchConfig) -> int:
     url = f"http://{cfg.master_addr}:{cfg.master_port}"
     py = sys.executable
     controller = None
-    extra = {env.TOKEN: cfg.token} if cfg.token else {}
+    extra = {env.PRESET_TOKEN: cfg.token} if cfg.token else {}
     if cfg.node_rank == 0:
         controller = _spawn(
             [

@@ -77,7 +77,7 @@ class JobSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
     checkpoint_dir: str | None = None
-    restart: RestartPolicy = Field(default_factory=lambda: RestartPolicy())
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
     spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

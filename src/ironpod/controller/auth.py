@@ -25,7 +25,7 @@ class Tokens:
 def load_or_create_tokens(state_dir: Path, preset: str | None = None) -> Tokens:
     """The tokens of this state directory, created at first use.
 
-    ``preset`` (from ``IRONPOD_TOKEN``) becomes both tokens of a new directory: ``ironpod
+    ``preset`` (from ``IRONPOD_PRESET_TOKEN``) becomes both tokens of a new directory: ``ironpod
     launch`` uses it where nodes share a secret but no file system (Kubernetes).
     """
     path = state_dir / TOKENS_FILE

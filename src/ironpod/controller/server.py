@@ -38,7 +38,7 @@ def serve(
     """Run until interrupted. State lives in ``db_url`` (default: SQLite in ``state_dir``)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     url = db_url or f"sqlite:///{state_dir / 'ironpod.db'}"
-    tokens = load_or_create_tokens(state_dir, os.environ.get(env.TOKEN) or None)
+    tokens = load_or_create_tokens(state_dir, os.environ.get(env.PRESET_TOKEN) or None)
     controller = Controller(url, state_dir, config or ControllerConfig())
     app = create_app(controller, tokens)
     stop = threading.Event()

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ironpod import env
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate, now
 from ironpod.controller.db import session_factory as make_sessions
+from ironpod.errors import EXIT_PREEMPTED
 from ironpod.spec import JobSpec
 from ironpod.states import (
     ATTEMPT_TRANSITIONS,
@@ -33,7 +34,6 @@ from ironpod.states import (
     NodeState,
     check_transition,
 )
-from ironpod.train.context import EXIT_PREEMPTED
 from ironpod.wire import (
     Assignment,
     Heartbeat,

@@ -20,14 +20,11 @@ import torch
 import torch.distributed as dist
 
 from ironpod import env
-from ironpod.errors import ConfigError
+from ironpod.errors import EXIT_PREEMPTED, ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Exit code of a worker that stopped because it was asked to (SIGTERM: preemption, drain,
-#: cancel) after saving its state. Distinct from a crash so the controller requeues rather than
-#: counts a failure. 75 is EX_TEMPFAIL in sysexits.h: "try again later".
-EXIT_PREEMPTED = 75
+__all__ = ["EXIT_PREEMPTED", "TrainContext", "init", "shutdown"]
 
 
 def _env_int(name: str, default: int) -> int:

@@ -1,0 +1,152 @@
+"""Per-rank log files, and the agent's small HTTP server that serves them.
+
+Layout: ``{workdir}/logs/attempt-{attempt_id}/rank-{rank}.log``: the worker's stdout and stderr
+line by line, plus the agent's own notes about that rank (a stack dump on a hang, a failed
+start), each such line prefixed ``[ironpod agent]``.
+
+``GET /logs/{attempt_id}/{rank}?offset=N`` returns the bytes from ``offset`` with the file's
+current size in ``X-Log-Size``, so a reader tails a log by asking again from
+``offset + len(body)``. It needs the node's bearer token; ``GET /healthz`` does not.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import cast
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger(__name__)
+
+#: Most bytes one GET returns; a reader asks again for the rest.
+MAX_CHUNK = 4 * 1024 * 1024
+NOTE_PREFIX = "[ironpod agent]"
+_LOG_ROUTE = re.compile(r"^/logs/(\d+)/(\d+)$")
+
+
+def log_path(logs_root: Path, attempt_id: int, rank: int) -> Path:
+    return logs_root / f"attempt-{attempt_id}" / f"rank-{rank}.log"
+
+
+class RankLog:
+    """One rank's log file, appended to by the worker's output pump and by the agent."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = path.open("ab", buffering=0)  # unbuffered: every line is on disk at once
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(data)
+
+    def note(self, text: str) -> None:
+        """Append the agent's own lines, each marked so a reader tells them from the worker's."""
+        lines = text.rstrip("\n").split("\n")
+        self.write("".join(f"{NOTE_PREFIX} {line}\n" for line in lines).encode())
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], logs_root: Path, token: str, info: dict[str, str]):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.logs_root = logs_root
+        self.token = token
+        self.info = info
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "ironpod-agent"
+
+    def do_GET(self) -> None:
+        server = cast(_Server, self.server)
+        url = urlsplit(self.path)
+        if url.path == "/healthz":
+            self._reply(200, json.dumps({"ok": True, **server.info}).encode(), "application/json")
+            return
+        route = _LOG_ROUTE.match(url.path)
+        if route is None:
+            self._reply(404, b"not found\n")
+            return
+        if not self._authorized(server.token):
+            self._reply(401, b"missing or wrong bearer token\n")
+            return
+        try:
+            offset = max(0, int(parse_qs(url.query).get("offset", ["0"])[0]))
+        except ValueError:
+            self._reply(400, b"offset must be an integer\n")
+            return
+        path = log_path(server.logs_root, int(route.group(1)), int(route.group(2)))
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(min(offset, size))
+                body = f.read(MAX_CHUNK)
+        except FileNotFoundError:
+            self._reply(404, b"no such log\n")
+            return
+        self._reply(200, body, "text/plain; charset=utf-8", {"X-Log-Size": str(size)})
+
+    def _authorized(self, token: str) -> bool:
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def _reply(
+        self,
+        code: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("http: " + format, *args)
+
+
+class LogServer:
+    """The agent's HTTP server, on its own thread."""
+
+    def __init__(
+        self, address: str, port: int, logs_root: Path, token: str, info: dict[str, str]
+    ) -> None:
+        self._server = _Server((address, port), logs_root, token, info)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name="agent-http", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+        self._server.server_close()

@@ -1,0 +1,332 @@
+"""The node agent's run loop: register, heartbeat, converge to the reply's assignment.
+
+The controller may restart or vanish at any time; the agent never exits for that. It keeps
+its workers running, retries with a short backoff and registers again when the controller
+says it does not know this agent. Only ``stop_event``, SIGTERM or SIGINT end it, and then it
+stops its workers (SIGTERM, grace period, SIGKILL) before returning.
+
+    python -m ironpod.agent --join http://ctl:8470 --token T --name node0 --workdir /var/ironpod
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import ironpod
+from ironpod.agent.beacons import BeaconReceiver, beacon_socket_path
+from ironpod.agent.client import (
+    Backoff,
+    ControllerClient,
+    ControllerRejectedError,
+    ControllerUnavailableError,
+    EventSender,
+    UnknownNodeError,
+)
+from ironpod.agent.logs import LogServer
+from ironpod.agent.resources import Capacity, detect_capacity
+from ironpod.agent.supervisor import STOPPED_BY_AGENT, Supervisor, kill_stale_workers
+from ironpod.errors import ConfigError, errors_to_exit
+from ironpod.wire import Heartbeat, NodeRegistration, WorkerEvent
+
+log = logging.getLogger("ironpod.agent")
+
+#: Wait after the controller refused us outright (a wrong token, say) before asking again.
+_REJECTED_RETRY_S = 5.0
+#: On shutdown, time allowed for the last events (the workers' exits) to reach the controller.
+_FLUSH_EVENTS_S = 2.0
+
+
+def run_agent(
+    join_url: str,
+    token: str,
+    *,
+    name: str,
+    workdir: str,
+    address: str = "127.0.0.1",
+    cpus: list[int] | None = None,
+    labels: dict[str, str] | None = None,
+    heartbeat_interval_s: float = 1.0,
+    http_port: int = 0,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Run this node's agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
+
+    ``heartbeat_interval_s`` paces the heartbeats until the controller's registration reply
+    names its own interval, which then wins: the controller's lost-node timeout is built on it.
+    ``cpus`` pins every worker to these CPUs (a simulated node of a local cluster).
+    """
+    stop = stop_event or threading.Event()
+    with _stop_on_signals(stop):
+        agent = Agent(
+            join_url,
+            token,
+            name=name,
+            workdir=Path(workdir).resolve(),
+            address=address,
+            cpus=cpus,
+            labels=labels or {},
+            heartbeat_interval_s=heartbeat_interval_s,
+            http_port=http_port,
+        )
+        try:
+            agent.run(stop)
+        finally:
+            agent.close()
+
+
+class Agent:
+    """The parts of one agent, wired together; :meth:`run` is the heartbeat loop."""
+
+    def __init__(
+        self,
+        join_url: str,
+        token: str,
+        *,
+        name: str,
+        workdir: Path,
+        address: str,
+        cpus: list[int] | None,
+        labels: dict[str, str],
+        heartbeat_interval_s: float,
+        http_port: int,
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.address = address
+        self.labels = labels
+        self.instance = uuid.uuid4().hex
+        self.node_id: int | None = None
+        self.interval_s = heartbeat_interval_s
+        self._poke = threading.Event()  # heartbeat now, do not wait for the interval
+        self.capacity: Capacity = detect_capacity(cpus)
+        socket_path = beacon_socket_path(workdir)
+        # Each part is closed in reverse order by close(), or at once if a later part fails.
+        with contextlib.ExitStack() as parts:
+            parts.callback(_lock_workdir(workdir).close)
+            kill_stale_workers(workdir)
+            self.http = _listen(address, http_port, workdir / "logs", token, name, self.instance)
+            parts.callback(self.http.close)
+            self._client = ControllerClient(join_url, token)
+            parts.callback(self._client.close)
+            self.events = EventSender(
+                ControllerClient(join_url, token), lambda: self.node_id, self._after_event
+            )
+            parts.callback(self.events.close)
+            parts.callback(self.events.flush, _FLUSH_EVENTS_S)
+            self.supervisor = Supervisor(
+                workdir=workdir, beacon_socket=socket_path, cpus=cpus, report=self.events.send
+            )
+            parts.callback(self.supervisor.close)  # stops the workers, reports their exits
+            self.beacons = BeaconReceiver(socket_path, self.supervisor.on_beacon)
+            parts.callback(self.beacons.close)
+            for part in (self.events, self.supervisor, self.beacons, self.http):
+                part.start()
+            self._parts = parts.pop_all()
+        log.info(
+            "agent %s (instance %s) up: %d CPUs, %d GPUs, logs at %s, beacons at %s",
+            name,
+            self.instance[:8],
+            self.capacity.cpus,
+            len(self.capacity.gpus),
+            self.http.url,
+            socket_path,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        threading.Thread(target=self._poke_on, args=(stop,), name="agent-stop", daemon=True).start()
+        backoff = Backoff()
+        outage = False
+        rejoins = 0  # re-registrations in a row: only the first goes again without a pause
+        while not stop.is_set():
+            began = time.monotonic()
+            try:
+                rejoin = self._tick()
+            except ControllerUnavailableError as exc:
+                if not outage:
+                    log.warning("controller unreachable (%s); retrying, workers keep running", exc)
+                outage = True
+                self._sleep(backoff.next())
+                continue
+            except UnknownNodeError:
+                log.warning("controller does not know node %s: registering again", self.node_id)
+                self.node_id = None
+                rejoin = True
+            except ControllerRejectedError as exc:
+                log.error("controller refused the agent: %s", exc)
+                self._sleep(_REJECTED_RETRY_S)
+                continue
+            if outage:
+                log.info("controller reachable again")
+                outage = False
+            backoff.reset()
+            rejoins = rejoins + 1 if rejoin else 0
+            if rejoins != 1:
+                self._sleep(self.interval_s - (time.monotonic() - began))
+
+    def _sleep(self, seconds: float) -> None:
+        """Until the next heartbeat: ``seconds``, or less if poked (or stopped)."""
+        if self._poke.wait(max(0.0, seconds)):
+            self._poke.clear()
+
+    def _poke_on(self, stop: threading.Event) -> None:
+        stop.wait()
+        self._poke.set()
+
+    def _after_event(self, event: WorkerEvent) -> None:
+        """A failure just reached the controller, which decides within milliseconds: ask for
+        the new desired state now instead of up to a heartbeat interval later."""
+        if event.kind == "hung" or (event.kind == "exited" and event.detail != STOPPED_BY_AGENT):
+            self._poke.set()
+
+    def _tick(self) -> bool:
+        """Register if needed, then heartbeat; True to go again at once (re-registration)."""
+        if self.node_id is None:
+            self._register()
+        assert self.node_id is not None
+        reply = self._client.heartbeat(
+            self.node_id,
+            Heartbeat(
+                agent_instance=self.instance,
+                time_unix=time.time(),
+                workers=self.supervisor.statuses(),
+            ),
+        )
+        if reply.reregister:
+            log.warning("controller asked node %s to register again", self.node_id)
+            self.node_id = None
+            return True
+        self.supervisor.set_desired(reply.assignment, reply.stop_grace_s)
+        self.events.wake()
+        return False
+
+    def _register(self) -> None:
+        reply = self._client.register(
+            NodeRegistration(
+                name=self.name,
+                hostname=socket.gethostname(),
+                address=self.address,
+                agent_url=self.http.url,
+                agent_instance=self.instance,
+                cpus=self.capacity.cpus,
+                memory_bytes=self.capacity.memory_bytes,
+                gpus=self.capacity.gpus,
+                labels=self.labels,
+                agent_version=ironpod.__version__,
+                time_unix=time.time(),
+            )
+        )
+        self.node_id = reply.node_id
+        self.interval_s = reply.heartbeat_interval_s
+        log.info("registered as node %d, heartbeat every %.2f s", reply.node_id, self.interval_s)
+        self.events.wake()
+
+    def close(self) -> None:
+        self._parts.close()
+        log.info("agent %s stopped", self.name)
+
+
+def _listen(
+    address: str, port: int, logs_root: Path, token: str, name: str, instance: str
+) -> LogServer:
+    try:
+        return LogServer(address, port, logs_root, token, {"name": name, "instance": instance})
+    except OSError as exc:
+        raise ConfigError(f"cannot serve logs on {address}:{port}: {exc.strerror}") from None
+
+
+def _lock_workdir(workdir: Path) -> IO[str]:
+    """One agent per workdir: a second one would kill the first one's workers as stale."""
+    handle = (workdir / "agent.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"another agent is running with workdir {workdir}") from None
+    return handle
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set ``stop`` (only possible from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def parse_cpus(text: str) -> list[int]:
+    """``"0,1,4-7"`` -> ``[0, 1, 4, 5, 6, 7]``."""
+    cpus: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ConfigError(f"--cpus {text!r}: expected a list like 0,1,4-7") from None
+    if not cpus:
+        raise ConfigError(f"--cpus {text!r}: no CPUs given")
+    return cpus
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label {item!r}: expected key=value")
+        labels[key] = value
+    return labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ironpod.agent``: run the node agent until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m ironpod.agent", description=__doc__)
+    parser.add_argument("--join", required=True, metavar="URL", help="controller base URL")
+    parser.add_argument("--token", required=True, help="node join token")
+    parser.add_argument("--name", default=socket.gethostname(), help="node name")
+    parser.add_argument("--workdir", required=True, help="logs, sockets and worker state")
+    parser.add_argument("--address", default="127.0.0.1", help="address other nodes reach")
+    parser.add_argument("--cpus", help="pin workers to these CPUs, e.g. 0,1 or 0-3")
+    parser.add_argument("--label", action="append", default=[], metavar="K=V")
+    parser.add_argument("--http-port", type=int, default=0, help="log server port (0: any)")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    with errors_to_exit():
+        run_agent(
+            args.join,
+            args.token,
+            name=args.name,
+            workdir=args.workdir,
+            address=args.address,
+            cpus=parse_cpus(args.cpus) if args.cpus else None,
+            labels=parse_labels(args.label),
+            heartbeat_interval_s=args.heartbeat_interval,
+            http_port=args.http_port,
+        )
+    return 0

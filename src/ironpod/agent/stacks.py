@@ -1,0 +1,66 @@
+"""Python stacks of a hung worker, taken from outside the process with py-spy.
+
+py-spy reads the interpreter's memory (ptrace), so it works on a worker stuck in a collective,
+in C code, or stopped, without any cooperation from the script. Without py-spy nothing is
+sent to the worker: SIGUSR1 would kill a process that did not register a handler for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+NO_PY_SPY = "(no py-spy installed: stacks unavailable)"
+
+
+def find_py_spy() -> str | None:
+    """py-spy on PATH, or next to this interpreter (a virtual environment not on PATH)."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return beside if os.access(beside, os.X_OK) else None
+
+
+def capture_stacks(pids: list[int], *, timeout_s: float = 10.0) -> str:
+    """``py-spy dump`` of each process in turn, all within ``timeout_s``; the text to log."""
+    exe = find_py_spy()
+    if exe is None:
+        return NO_PY_SPY
+    deadline = time.monotonic() + timeout_s
+    return "\n".join(_dump_one(exe, pid, deadline) for pid in pids)
+
+
+def _dump_one(exe: str, pid: int, deadline: float) -> str:
+    error = "out of time"
+    # Pausing the process gives consistent stacks but fails on a stopped one (SIGSTOP, a
+    # debugger attached); reading its memory while it runs (--nonblocking) works on both.
+    for flags in ([], ["--nonblocking"]):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            done = subprocess.run(
+                [exe, "dump", *flags, "--pid", str(pid)],
+                capture_output=True,
+                text=True,
+                timeout=left,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return f"pid {pid}: py-spy dump timed out"
+        if done.returncode == 0:
+            return done.stdout.rstrip()
+        error = _why(done.stderr or done.stdout)
+    return f"pid {pid}: py-spy dump failed: {error}"
+
+
+def _why(output: str) -> str:
+    """py-spy's error and its causes, without the backtrace: "Error: ...; 0: ...; 1: ..."."""
+    lines = [line.strip() for line in output.strip().splitlines()]
+    if "Stack backtrace:" in lines:
+        lines = lines[: lines.index("Stack backtrace:")]
+    return "; ".join(line for line in lines if line and line != "Caused by:") or "no output"

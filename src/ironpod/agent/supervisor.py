@@ -1,0 +1,383 @@
+"""Converges this node's workers to the controller's desired assignment, and watches them.
+
+The heartbeat loop only *sets* the desired state; a converge thread acts on it, so a slow stop
+(SIGTERM, a grace period for the workers to save, SIGKILL) never delays a heartbeat. A monitor
+thread applies the hang rule (:meth:`RankProgress.overdue`) to every running rank. Exits, hangs
+and first progress go out as :class:`~ironpod.wire.WorkerEvent` through ``report`` at once.
+
+The agent never kills a worker on its own judgement: a hang is reported, and the controller
+decides by changing the assignment.
+
+``workers.json`` in the workdir lists the running workers' process groups, so an agent that
+restarts after a crash kills the workers its predecessor left behind (:func:`kill_stale_workers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ironpod.agent.logs import RankLog, log_path
+from ironpod.agent.progress import LineMatcher, ProgressUpdate, numeric_metrics
+from ironpod.agent.stacks import capture_stacks
+from ironpod.agent.worker import Worker, split_returncode, worker_env
+from ironpod.wire import Assignment, WorkerEvent, WorkerStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_GRACE_S = 10.0
+#: ``detail`` of an exit the agent caused (the assignment changed): not a failure.
+STOPPED_BY_AGENT = "stopped by the agent"
+_MONITOR_INTERVAL_S = 0.1
+_KILL_WAIT_S = 5.0
+#: Most processes of one worker whose stacks are dumped on a hang.
+_MAX_STACK_PIDS = 4
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        beacon_socket: str,
+        cpus: list[int] | None,
+        report: Callable[[WorkerEvent], None],
+    ) -> None:
+        self.workdir = workdir
+        self.logs_root = workdir / "logs"
+        self._beacon_socket = beacon_socket
+        self._cpus = cpus
+        self._report = report
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._closed = threading.Event()
+        self._desired: Assignment | None = None
+        self._grace_s = DEFAULT_STOP_GRACE_S
+        self._current: Assignment | None = None
+        self._workers: dict[int, Worker] = {}  # rank -> worker of the current attempt
+        self._threads = [
+            threading.Thread(target=self._converge_loop, name="agent-converge", daemon=True),
+            threading.Thread(target=self._monitor_loop, name="agent-monitor", daemon=True),
+        ]
+
+    # -- the heartbeat loop's side
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def set_desired(self, assignment: Assignment | None, stop_grace_s: float) -> None:
+        with self._changed:
+            self._desired = assignment
+            self._grace_s = stop_grace_s
+            self._changed.notify_all()
+
+    def statuses(self) -> list[WorkerStatus]:
+        """The current attempt's workers, exited ones included."""
+        with self._lock:
+            return [w.status() for w in sorted(self._workers.values(), key=lambda w: w.rank)]
+
+    @property
+    def attempt_id(self) -> int | None:
+        with self._lock:
+            return self._current.attempt_id if self._current else None
+
+    def close(self) -> None:
+        """Stop the workers (SIGTERM, the last grace period, SIGKILL) and the threads."""
+        self._closed.set()
+        with self._changed:
+            self._changed.notify_all()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=self._grace_s + _KILL_WAIT_S + 5)
+        self._stop_workers()
+
+    # -- input from workers
+
+    def on_beacon(self, beacon: dict[str, Any]) -> None:
+        """A beacon counts for the current worker of its rank if its sender is in that
+        worker's process group (a beacon from a previous attempt's dying worker does not)."""
+        with self._lock:
+            worker = self._workers.get(beacon["rank"])
+            if worker is None or not worker.running or not _in_group(beacon.get("pid"), worker):
+                return
+        t = beacon.get("t")
+        update = ProgressUpdate(
+            t=float(t) if isinstance(t, int | float) else time.time(),
+            step=beacon["step"],
+            metrics=numeric_metrics(beacon),
+        )
+        self._on_progress(worker, update)
+
+    def _on_progress(self, worker: Worker, update: ProgressUpdate) -> None:
+        with self._lock:
+            first = worker.progress.record(update)
+        if first:
+            log.info("rank %d: first progress (step %s)", worker.rank, update.step)
+            self._report(
+                WorkerEvent(
+                    attempt_id=worker.attempt_id,
+                    rank=worker.rank,
+                    kind="first_progress",
+                    time_unix=update.t,
+                    detail=f"step={update.step}" if update.step is not None else "",
+                )
+            )
+
+    def _on_exit(self, worker: Worker) -> None:
+        code, sig = split_returncode(worker.returncode)
+        how = f"code {code}" if sig is None else f"signal {sig}"
+        detail = STOPPED_BY_AGENT if worker.stopping else ""
+        if worker.start_error:
+            detail = worker.start_error
+        log.info("worker rank %d (attempt %d) exited: %s", worker.rank, worker.attempt_id, how)
+        self._report(
+            WorkerEvent(
+                attempt_id=worker.attempt_id,
+                rank=worker.rank,
+                kind="exited",
+                time_unix=worker.ended_unix or time.time(),
+                exit_code=code,
+                signal=sig,
+                detail=detail,
+            )
+        )
+
+    # -- converge
+
+    def _converge_loop(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed.is_set() and _same_attempt(self._desired, self._current):
+                    self._changed.wait()
+                if self._closed.is_set():
+                    return
+                desired = self._desired
+            try:
+                if self._current is not None:
+                    self._stop_workers()
+                if desired is not None and not self._closed.is_set():
+                    self._start_workers(desired)
+            except Exception:  # this thread must outlive any one bad assignment
+                log.exception("converging to attempt %s failed", desired and desired.attempt_id)
+                self._closed.wait(1.0)
+
+    def _start_workers(self, a: Assignment) -> None:
+        cwd = a.workdir or str(self.workdir)
+        try:
+            matcher = LineMatcher(a.progress_regex)
+        except re.error as exc:
+            log.error("attempt %d: progress_regex ignored: %s", a.attempt_id, exc)
+            matcher = LineMatcher(None)
+        workers: dict[int, Worker] = {}
+        for local_rank, rank in enumerate(a.ranks):
+            workers[rank] = Worker(
+                assignment=a,
+                rank=rank,
+                local_rank=local_rank,
+                log=_open_log(log_path(self.logs_root, a.attempt_id, rank)),
+                matcher=matcher,
+                on_progress=self._on_progress,
+                on_exit=self._on_exit,
+            )
+        with self._lock:
+            self._current, self._workers = a, workers
+        for worker in workers.values():
+            env = worker_env(
+                a, rank=worker.rank, local_rank=worker.local_rank, beacon_socket=self._beacon_socket
+            )
+            with self._lock:
+                worker.start(env, cwd, self._cpus)
+            if worker.start_error:
+                self._on_exit(worker)
+            self._write_workers_file()  # after each start: an agent may die between two
+        pids = [w.pid for w in workers.values()]
+        log.info("started attempt %d: ranks %s, pids %s", a.attempt_id, a.ranks, pids)
+
+    def _stop_workers(self) -> None:
+        with self._lock:
+            current, workers, grace = self._current, list(self._workers.values()), self._grace_s
+            for worker in workers:
+                worker.stopping = True
+        if current is None:
+            return
+        running = [w for w in workers if w.running]
+        if running:
+            log.info(
+                "stopping attempt %d: ranks %s (grace %.1f s)",
+                current.attempt_id,
+                [w.rank for w in running],
+                grace,
+            )
+        for worker in workers:
+            worker.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            worker.wait(max(0.0, deadline - time.monotonic()))
+        for worker in workers:  # also the stragglers of leaders that already exited
+            worker.signal_group(signal.SIGKILL)
+        for worker in workers:
+            if not worker.wait(_KILL_WAIT_S):
+                log.error("rank %d (pid %d) survived SIGKILL", worker.rank, worker.pid)
+        with self._lock:
+            self._current, self._workers = None, {}
+        self._write_workers_file()
+        log.info("stopped attempt %d", current.attempt_id)
+
+    # -- hang detection
+
+    def _monitor_loop(self) -> None:
+        while not self._closed.wait(_MONITOR_INTERVAL_S):
+            now = time.time()
+            with self._lock:
+                hung = []
+                for worker in self._workers.values():
+                    if worker.hang_reported or worker.stopping or not worker.running:
+                        continue
+                    late = worker.progress.overdue(worker.assignment, worker.started_unix, now)
+                    if late is not None:
+                        worker.hang_reported = True
+                        hung.append((worker, *late))
+            for worker, silent, timeout in hung:
+                threading.Thread(
+                    target=self._report_hang,
+                    args=(worker, silent, timeout),
+                    name=f"hang-r{worker.rank}",
+                    daemon=True,
+                ).start()
+
+    def _report_hang(self, worker: Worker, silent: float, timeout: float) -> None:
+        detail = (
+            f"no progress for {silent:.1f} s (timeout {timeout:.1f} s), "
+            f"last step {worker.progress.last_step}"
+        )
+        log.warning("hang detected: rank %d (pid %d): %s", worker.rank, worker.pid, detail)
+        worker.log.note(f"hang detected: {detail}; Python stacks follow")
+        worker.log.note(capture_stacks(_stack_pids(worker)))
+        self._report(
+            WorkerEvent(
+                attempt_id=worker.attempt_id,
+                rank=worker.rank,
+                kind="hung",
+                time_unix=time.time(),
+                detail=detail,
+            )
+        )
+
+    # -- restart safety
+
+    def _write_workers_file(self) -> None:
+        path = self.workdir / "workers.json"
+        with self._lock:
+            entries = [
+                {"pid": w.pid, "create_time": _create_time(w.pid), "rank": w.rank}
+                for w in self._workers.values()
+                if w.pid > 0
+            ]
+            attempt_id = self._current.attempt_id if self._current else None
+        if not entries:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"attempt_id": attempt_id, "workers": entries}))
+        tmp.replace(path)
+
+
+def _open_log(path: Path) -> RankLog:
+    """The rank's log; if it cannot be written (disk full, say), the worker runs without."""
+    try:
+        return RankLog(path)
+    except OSError as exc:
+        log.error("cannot write %s (%s): this rank's output is discarded", path, exc)
+        return RankLog(Path(os.devnull))
+
+
+def _same_attempt(a: Assignment | None, b: Assignment | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.attempt_id == b.attempt_id
+
+
+def _in_group(pid: object, worker: Worker) -> bool:
+    if not isinstance(pid, int):
+        return True  # a beacon without a pid is taken on its rank alone
+    if pid == worker.pid:
+        return True
+    try:
+        return os.getpgid(pid) == worker.pid
+    except OSError:
+        return False
+
+
+def _stack_pids(worker: Worker) -> list[int]:
+    """The worker's process first, then its descendants (the trainer under a shell, say)."""
+    try:
+        children = psutil.Process(worker.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    return [worker.pid, *(c.pid for c in children)][:_MAX_STACK_PIDS]
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def kill_stale_workers(workdir: Path, timeout_s: float = _KILL_WAIT_S) -> list[int]:
+    """SIGKILL the process groups a previous agent left in ``workers.json``; their pids.
+
+    A process counts as stale if it is in a recorded group and was created no earlier than
+    the group's leader was (a recycled pid after a reboot is left alone).
+    """
+    path = workdir / "workers.json"
+    try:
+        recorded = json.loads(path.read_text())["workers"]
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable %s", path)
+        path.unlink(missing_ok=True)
+        return []
+    groups = {int(w["pid"]): w.get("create_time") for w in recorded}
+    victims: list[psutil.Process] = []
+    for proc in psutil.process_iter():
+        try:
+            pgid = os.getpgid(proc.pid)
+            if pgid in groups and proc.create_time() >= (groups[pgid] or 0.0) - 1.0:
+                victims.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    for proc in victims:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    _wait_gone(victims, timeout_s)
+    path.unlink(missing_ok=True)
+    if victims:
+        log.warning("killed stale workers of a previous agent: pids %s", [p.pid for p in victims])
+    return [p.pid for p in victims]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
+    """Wait until each process is gone or a zombie (its parent, not us, reaps it)."""
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        while time.monotonic() < deadline:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)

@@ -1,0 +1,200 @@
+"""The processes: ``controller`` and ``agent`` (bare metal), ``up``/``down`` (this machine),
+and ``status``, the one-screen summary of whichever cluster the CLI points at."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ironpod import env
+from ironpod.cli import render
+from ironpod.cli.common import client, console, fail, home, parse_pairs, print_json
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+#: Libraries whose INFO lines (one per HTTP request, per migration plugin) would drown ours.
+QUIET_LOGGERS = ("httpx", "httpcore", "alembic")
+
+
+def up(
+    nodes: Annotated[int, typer.Option(min=1, help="simulated nodes (agents)")] = 4,
+    spares: Annotated[int, typer.Option(min=0, help="nodes held back for recovery")] = 0,
+    port: Annotated[int | None, typer.Option(help="controller port (default: a free one)")] = None,
+    heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="seconds")] = 1.0,
+    node_lost_after: Annotated[
+        float, typer.Option(min=0.1, help="seconds without a heartbeat before a node is lost")
+    ] = 6.0,
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the nodes")] = 60.0,
+) -> None:
+    """Start a local cluster in the background: a controller and N agents ($IRONPOD_HOME)."""
+    from ironpod.cluster import local
+
+    where = home()
+    with console.status(f"starting a controller and {nodes} agents in {where}"):
+        info = local.up(
+            nodes,
+            where,
+            port,
+            spares,
+            heartbeat_interval,
+            node_lost_after,
+            timeout_s=timeout,
+        )
+    console.print(
+        f"local cluster up: {len(info.agents)} nodes, controller at {info.url} "
+        f"(pid {info.controller.pid}); logs in {where / 'logs'}"
+    )
+    console.print("try: ironpod run --follow -- python -c \"print('hello from ironpod')\"")
+    pointed = os.environ.get(env.URL)
+    if pointed and pointed.rstrip("/") != info.url:
+        console.print(f"[yellow]note:[/] {env.URL}={pointed} still points the CLI elsewhere")
+
+
+def down() -> None:
+    """Stop the local cluster: agents (and their workers) first, then the controller."""
+    from ironpod.cluster import local
+
+    where = home()
+    info = local.down(where)
+    if info is None:
+        console.print(f"no local cluster recorded in {where}")
+        return
+    console.print(f"local cluster stopped: controller and {len(info.agents)} agents ({where})")
+
+
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead")] = False,
+) -> None:
+    """Where the controller is, and how many nodes and jobs are in each state."""
+    from ironpod.cluster import local
+
+    info = local.read_cluster(home())
+    out: dict[str, Any] = {}
+    if info is not None:
+        out["local"] = {
+            "home": info.home,
+            "controller_pid": info.controller.pid if info.controller.alive() else None,
+            "agents_alive": sorted(n for n, a in info.agents.items() if a.alive()),
+            "agents_dead": sorted(n for n, a in info.agents.items() if not a.alive()),
+        }
+    with client(ctx) as api:
+        out["url"] = api.url
+        out["version"] = api.healthz().get("version")
+        out["nodes"] = dict(collections.Counter(n["state"] for n in api.nodes()))
+        out["jobs"] = dict(collections.Counter(j["state"] for j in api.jobs()))
+    if as_json:
+        print_json(out)
+        return
+    summary = render.table("", "")
+    summary.show_header = False
+    summary.add_row("controller", f"{out['url']} (ironpod {out['version']})")
+    if "local" in out:
+        loc = out["local"]
+        dead = f", not running: {', '.join(loc['agents_dead'])}" if loc["agents_dead"] else ""
+        summary.add_row(
+            "local cluster", f"{loc['home']}: {len(loc['agents_alive'])} agents running{dead}"
+        )
+    for key in ("nodes", "jobs"):
+        counts = out[key]
+        summary.add_row(
+            key, ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else "none"
+        )
+    console.print(summary)
+
+
+def controller(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8700,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="database and tokens [default: $IRONPOD_HOME/controller]")
+    ] = None,
+    db: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL, e.g. postgresql+psycopg://...")
+    ] = None,
+    node_lost_after: Annotated[float, typer.Option(min=0.1, help="seconds")] = 6.0,
+    heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="seconds")] = 1.0,
+    spares: Annotated[int, typer.Option(min=0, help="ready nodes kept back for recovery")] = 0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the controller (API server and reconciler) in the foreground."""
+    from ironpod.controller.server import serve
+    from ironpod.controller.service import ControllerConfig
+
+    _check_listen(host, port)
+    _setup_logging(log_level)
+    config = ControllerConfig(
+        heartbeat_interval_s=heartbeat_interval,
+        node_lost_after_s=node_lost_after,
+        reserve_spares=spares,
+    )
+    serve(
+        host=host,
+        port=port,
+        state_dir=(state_dir or home() / "controller").expanduser().resolve(),
+        db_url=db,
+        config=config,
+    )
+
+
+def agent(
+    join: Annotated[str, typer.Option(help="controller URL, e.g. http://10.0.0.1:8700")],
+    token: Annotated[str, typer.Option(help="node join token (controller's tokens.json)")],
+    name: Annotated[str | None, typer.Option(help="node name [default: hostname]")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="logs and sockets [default: $IRONPOD_HOME/nodes/NAME]")
+    ] = None,
+    address: Annotated[str, typer.Option(help="address other nodes reach this one at")] = (
+        "127.0.0.1"
+    ),
+    cpus: Annotated[str | None, typer.Option(help="pin workers to CPUs, e.g. 0,1 or 0-3")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="node label K=V (repeatable)")] = None,
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="log server port")] = 0,
+    heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="seconds")] = 1.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run this node's agent in the foreground until SIGTERM or SIGINT."""
+    from ironpod.agent.main import parse_cpus, run_agent
+
+    node = name or socket.gethostname()
+    _setup_logging(log_level)
+    run_agent(
+        join,
+        token,
+        name=node,
+        workdir=str((workdir or home() / "nodes" / node).expanduser().resolve()),
+        address=address,
+        cpus=parse_cpus(cpus) if cpus else None,
+        labels=parse_pairs(label, "--label"),
+        heartbeat_interval_s=heartbeat_interval,
+        http_port=http_port,
+    )
+
+
+def _setup_logging(name: str) -> None:
+    level = logging.getLevelName(name.upper())
+    if not isinstance(level, int):
+        fail(f"--log-level {name!r}: expected DEBUG, INFO, WARNING or ERROR", 2)
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    for quiet in QUIET_LOGGERS:
+        logging.getLogger(quiet).setLevel(max(level, logging.WARNING))
+
+
+def _check_listen(host: str, port: int) -> None:
+    """A clear line now rather than uvicorn's log lines after the database migrated."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (up, down, status, controller, agent):
+        app.command()(command)
