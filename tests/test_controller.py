@@ -217,21 +217,52 @@ def test_crash_restarts_in_place_then_quarantines_and_uses_a_spare(
     cluster.controller.reconcile()
     first = cluster.job(job)["attempts"][0]
     assert first["node_ids"] == [a]  # b is held back as the spare
-    cluster.event(a, first["id"], 0, "exited", exit_code=1)
+    cluster.event(a, first["id"], 0, "exited", signal=7, exit_code=-7)  # SIGBUS
     assert cluster.job(job)["state"] == "recovering"
+    cluster.heartbeat(a, "a")  # a proves it is alive after the failure
     cluster.controller.reconcile()
     second = cluster.job(job)["attempts"][1]
     assert second["node_ids"] == [a]  # in place: a is still healthy after one failure
     cluster.event(a, second["id"], 0, "exited", signal=9, exit_code=-9)
     assert cluster.nodes()["a"]["state"] == "quarantined"
+    cluster.heartbeat(b, "b")
     cluster.controller.reconcile()
     third = cluster.job(job)["attempts"][2]
     assert third["node_ids"] == [b]
     causes = [e["cause"] for e in cluster.events(job) if e["kind"] == "fault_detected"]
     assert causes == [
-        "crash: rank 0 on a exited with code 1",
+        "crash: rank 0 on a killed by signal 7",
         "crash: rank 0 on a killed by signal 9",
     ]
+
+
+def test_a_python_error_restarts_without_blaming_the_node(cluster: Cluster) -> None:
+    node = cluster.register("n1")
+    job = cluster.submit(restart={"node_failures_to_quarantine": 1})
+    cluster.controller.reconcile()
+    attempt = cluster.job(job)["attempts"][0]["id"]
+    cluster.event(node, attempt, 0, "exited", exit_code=1)
+    assert cluster.nodes()["n1"]["state"] == "ready"
+    assert cluster.nodes()["n1"]["recent_failures"] == 0
+    cluster.heartbeat(node, "n1")
+    cluster.controller.reconcile()
+    assert len(cluster.job(job)["attempts"]) == 2
+
+
+def test_a_hang_blames_the_rank_that_fell_behind(tmp_path: Path, db_url: str) -> None:
+    cluster = Cluster(tmp_path / "c", db_url)
+    a, b = cluster.register("a"), cluster.register("b")
+    job = cluster.submit(nodes=2, restart={"node_failures_to_quarantine": 1})
+    cluster.controller.reconcile()
+    attempt = cluster.job(job)["attempts"][0]
+    first, second = attempt["node_ids"]
+    names = {a: "a", b: "b"}
+    cluster.heartbeat(first, names[first], [running(attempt["id"], rank=0, step=40)])
+    cluster.heartbeat(second, names[second], [running(attempt["id"], rank=1, step=41)])
+    cluster.event(second, attempt["id"], 1, "hung", detail="no progress for 5 s")
+    nodes = cluster.nodes()
+    assert nodes[names[first]]["state"] == "quarantined"  # rank 0 stopped at step 40
+    assert nodes[names[second]]["state"] == "ready"
 
 
 def test_hang_report_fails_the_attempt(cluster: Cluster) -> None:
@@ -260,6 +291,8 @@ def test_lost_node_is_replaced_and_a_job_without_nodes_waits(tmp_path: Path, db_
         "node lost: a"
     )
     assert attempt["state"] == "starting"
+    time.sleep(0.3)
+    cluster.heartbeat(b, "b")
     cluster.controller.reconcile()
     assert cluster.job(job)["reason"] == "waiting for 1 healthy node(s)"
     cluster.register("c")
@@ -284,9 +317,11 @@ def test_restart_limit_and_no_restart_exit_codes(cluster: Cluster) -> None:
     node = cluster.register("n1")
     job = cluster.submit(restart={"max_restarts": 1, "node_failures_to_quarantine": 5})
     for _ in range(2):
+        cluster.heartbeat(node, "n1")
         cluster.controller.reconcile()
         attempt = cluster.job(job)["attempts"][-1]["id"]
         cluster.event(node, attempt, 0, "exited", exit_code=1)
+    cluster.heartbeat(node, "n1")
     cluster.controller.reconcile()
     view = cluster.job(job)
     assert view["state"] == "failed" and view["reason"].startswith("restart limit")

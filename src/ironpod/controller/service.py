@@ -70,6 +70,9 @@ class Controller:
         self.engine = make_engine(db_url)
         self.sessions = make_sessions(self.engine)
         self.lock = threading.RLock()
+        #: Node silence counts from here at the earliest: no agent could reach a controller
+        #: that was down, so a restart must not find every node lost.
+        self.started_unix = now()
 
     # -- helpers
 
@@ -293,7 +296,7 @@ class Controller:
                     attempt,
                     f"hang: rank {ev.rank} on {node.name}: {ev.detail}",
                     "hang",
-                    blamed=[node],
+                    blamed=self._hang_suspects(s, attempt),
                     detected=ev.time_unix,
                 )
             elif ev.kind == "exited":
@@ -357,7 +360,28 @@ class Controller:
                 detected=ev.time_unix,
             )
             return
-        self._fail_attempt(s, attempt, cause, "crash", blamed=[node], detected=ev.time_unix)
+        # Blame needs evidence. A rank killed by a signal (OOM killer, SIGBUS on a bad page, a
+        # node going down) points at its node; a non-zero exit is a Python error, most often
+        # the peers of a failed rank seeing their collective break, so it blames no node.
+        blamed = [node] if ev.signal else []
+        self._fail_attempt(s, attempt, cause, "crash", blamed=blamed, detected=ev.time_unix)
+
+    def _hang_suspects(self, s: Session, attempt: Attempt) -> list[Node]:
+        """In a hang every rank stops, waiting for the one that really stopped: the ranks
+        furthest behind are the suspects; if all stopped at the same step, nobody is blamed."""
+        job = s.get(Job, attempt.job_id)
+        assert job is not None
+        per = JobSpec.model_validate(job.spec).nproc_per_node
+        steps = {
+            int(r): info.get("last_step") or 0
+            for r, info in attempt.ranks.items()
+            if isinstance(info, dict)
+        }
+        if not steps or min(steps.values()) == max(steps.values()):
+            return []
+        behind = {r // per for r, step in steps.items() if step == min(steps.values())}
+        nodes = [s.get(Node, attempt.node_ids[i]) for i in sorted(behind)]
+        return [n for n in nodes if n is not None]
 
     def _release(self, s: Session, attempt: Attempt) -> None:
         for node_id in attempt.node_ids:
@@ -481,7 +505,8 @@ class Controller:
             state = NodeState(node.state)
             if state == NodeState.DRAINING and node.attempt_id is None:
                 self._set_node(s, node, NodeState.DRAINED, "no work left")
-            if state not in LIVE_NODE_STATES or node.last_heartbeat_unix >= deadline:
+            heard = max(node.last_heartbeat_unix, self.started_unix)
+            if state not in LIVE_NODE_STATES or heard >= deadline:
                 continue
             silent = now() - node.last_heartbeat_unix
             self._set_node(s, node, NodeState.LOST, f"no heartbeat for {silent:.1f} s")
@@ -528,6 +553,22 @@ class Controller:
             select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number.desc())
         )
         free = {n.id: n for n in self._free_nodes(s)}
+        if last is not None and last.ended_unix is not None:
+            # A failure is often the first sign of a dead node: its peers' collectives fail at
+            # once, but it is declared lost only node_lost_after_s later. So a node of the failed
+            # attempt is trusted again only once it heartbeated after the failure (other nodes:
+            # within two heartbeats); wait that long for it, then go on without the silent ones.
+            ended, recent_s = last.ended_unix, 2 * self.config.heartbeat_interval_s
+            previous = set(last.node_ids)
+
+            def proven(n: Node) -> bool:
+                since = ended if n.id in previous else now() - recent_s
+                return n.last_heartbeat_unix >= since
+
+            waiting = [n for i, n in free.items() if i in previous and not proven(n)]
+            if waiting and now() < ended + recent_s:
+                return
+            free = {i: n for i, n in free.items() if proven(n)}
         chosen: list[Node] = []
         if last is not None and spec.restart.in_place_first:
             chosen = [free.pop(i) for i in last.node_ids if i in free]
