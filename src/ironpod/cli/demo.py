@@ -1,117 +1,130 @@
-"""``ironpod demo``: pretrain the GPT recipe on this machine through an injected crash.
+"""``ironpod demo``: a local cluster trains the GPT recipe through a crash, a hang and a lost node.
 
-Until the local cluster exists (the controller and agents of DESIGN.md), the demo plays the
-supervisor itself, in the smallest honest form: it starts the recipe as a worker process,
-follows its progress beacons in the log, SIGKILLs it part-way (a crashed rank loses
-everything in its memory), starts it again, and the worker resumes from its newest verified
-checkpoint. The summary shows what the crash cost and the run's goodput.
+The demo starts a cluster on this machine (a controller and three agents, each a simulated
+node), submits a 2-node DDP pretraining job of the GPT recipe on the Python standard library,
+and injects real faults at set steps: a worker SIGKILLed (crash), a worker SIGSTOPped (hang:
+only the missing progress beacons give it away), and a node's agent and workers SIGKILLed
+(node loss). Nobody intervenes: the agents detect, the controller decides, the job resumes
+from its newest checkpoint each time. The summary shows each recovery and the goodput ledger.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from ironpod import env
-from ironpod.train.beacon import Metric, parse_progress_line
+from ironpod.cli import render
+from ironpod.client import IronpodClient, JobView, is_terminal
+from ironpod.errors import ConfigError
 
 console = Console()
+FAULT_KINDS = ("crash", "hang", "node")
+JOB = "demo-gpt"
 
 
 @dataclass
-class Attempt:
-    """One worker process: when it started, the steps it reported, how it ended."""
+class Fault:
+    kind: str
+    step: int
+    injected_unix: float | None = None
+    target: str = ""
+    detected_unix: float | None = None
+    cause: str = ""
+    back_unix: float | None = None
+    resumed_step: int | None = None
 
-    number: int
-    started: float
-    steps: list[tuple[int, float, dict[str, Metric]]] = field(default_factory=list)
-    resumed_from: int = 0
-    exit_code: int | None = None
-    killed_at: float | None = None
+
+def parse_faults(text: str, steps: int) -> list[Fault]:
+    """``crash@85,hang@155,node@226`` -> faults in step order (``none`` for no faults)."""
+    if text.strip() in ("", "none"):
+        return []
+    faults = []
+    for item in text.split(","):
+        kind, sep, at = item.strip().partition("@")
+        if kind not in FAULT_KINDS or not sep or not at.isdigit():
+            raise ConfigError(f"--faults: {item!r} is not KIND@STEP with KIND in {FAULT_KINDS}")
+        if not 0 < int(at) < steps:
+            raise ConfigError(f"--faults: step {at} is not between 1 and {steps - 1}")
+        faults.append(Fault(kind=kind, step=int(at)))
+    return sorted(faults, key=lambda f: f.step)
 
 
-def _worker_cmd(config: str, steps: int, ckpt: Path, every: int, overrides: list[str]) -> list[str]:
+def job_spec(
+    steps: int, every: int, ckpt: Path, config: str, overrides: list[str]
+) -> dict[str, Any]:
     sets = [
         f"train.steps={steps}",
+        "train.parallel=ddp",
+        "train.num_threads=1",
+        "train.log_every=1000000",
         f"checkpoint.dir={ckpt}",
         f"checkpoint.every={every}",
         "checkpoint.keep_last=3",
-        "train.log_every=1000000",  # the demo draws its own progress from the beacons
         *overrides,
     ]
-    cmd = [sys.executable, "-m", "recipes.gpt.train", "--config", config]
+    command = [sys.executable, "-m", "recipes.gpt.train", "--config", config]
     for item in sets:
-        cmd += ["--set", item]
-    return cmd
+        command += ["--set", item]
+    return {
+        "apiVersion": "ironpod/v1",
+        "name": JOB,
+        "nodes": 2,
+        "nproc_per_node": 1,
+        "command": command,
+        "workdir": os.getcwd(),
+        # Derived hang timeout: 10 x the median step time, at least 4 s (steps here are ~0.1 s).
+        "restart": {"max_restarts": 10, "hang_floor_s": 4.0, "hang_factor": 10.0},
+    }
 
 
-def _prepare_data(config: str, overrides: list[str]) -> str:
-    """Build (or find cached) the tokenizer and token stream before any worker starts."""
-    from recipes.gpt.config import load_config
-    from recipes.gpt.data import prepare
-
-    cfg = load_config(config, overrides)
-    data = prepare(cfg.data)
-    return f"{len(data.train):,} training tokens, tokenizer {data.tokenizer.name}"
+def _pid(job: JobView, rank: int) -> int | None:
+    attempts = job.get("attempts") or []
+    if not attempts or attempts[-1]["state"] != "running":
+        return None
+    pid = attempts[-1]["ranks"].get(str(rank), {}).get("pid")
+    return pid if isinstance(pid, int) else None
 
 
-def _follow(proc: subprocess.Popen[str], attempt: Attempt, lines: list[str]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        fields = parse_progress_line(line)
-        if fields is not None and fields.get("rank", 0) == 0:
-            step = int(fields["step"])
-            if not attempt.steps:
-                attempt.resumed_from = step - 1
-            attempt.steps.append((step, time.monotonic(), fields))
+def _inject(fault: Fault, job: JobView, api: IronpodClient, home: Path) -> bool:
+    from ironpod.cluster import local
+
+    rank = 0 if fault.kind == "hang" else 1
+    pid = _pid(job, rank)
+    if pid is None:
+        return False
+    if fault.kind == "crash":
+        os.kill(pid, signal.SIGKILL)
+        fault.target = f"SIGKILL rank {rank} (pid {pid})"
+    elif fault.kind == "hang":
+        os.kill(pid, signal.SIGSTOP)
+        fault.target = f"SIGSTOP rank {rank} (pid {pid})"
+    else:
+        attempt = (job.get("attempts") or [])[-1]
+        names = {n["id"]: n["name"] for n in api.nodes()}
+        node = names[attempt["node_ids"][rank]]
+        local.kill_agent(home, node, (pid,))
+        fault.target = f"SIGKILL agent and workers of {node}"
+    fault.injected_unix = time.time()
+    return True
 
 
-def run_demo(
-    *,
-    config: str = "tiny",
-    steps: int = 300,
-    crash_at: int | None = 170,
-    every: int = 10,
-    workdir: Path = Path("runs/demo"),
-    overrides: list[str] | None = None,
-) -> int:
-    overrides = list(overrides or [])
-    if crash_at is not None and not 0 < crash_at < steps:
-        console.print(f"[red]error:[/] --crash-at must be between 1 and {steps - 1}")
-        return 2
-    from recipes.gpt.config import load_config
-
-    load_config(config, overrides)  # a bad setting fails here, before anything is written
-    shutil.rmtree(workdir, ignore_errors=True)
-    ckpt = workdir / "checkpoints"
-    ckpt.mkdir(parents=True)
-    console.rule("[bold]ironpod demo: GPT pretraining on the Python standard library")
-    with console.status("preparing data (first run trains and caches the tokenizer)"):
-        described = _prepare_data(config, overrides)
-    console.print(f"data: {described}")
-    console.print(
-        f"plan: {steps} steps, checkpoint every {every} steps to {ckpt}"
-        + (f", worker SIGKILLed after step {crash_at}" if crash_at else "")
-    )
-
-    cmd = _worker_cmd(config, steps, ckpt, every, overrides)
-    attempts: list[Attempt] = []
-    log_lines: list[str] = []
-    began = time.monotonic()
+def _follow(
+    api: IronpodClient, home: Path, steps: int, faults: list[Fault], timeout_s: float
+) -> JobView:
+    """Draw progress, inject the faults on schedule, narrate recoveries; until the job ends
+    (or ``timeout_s`` passes: a job waiting for nodes it will never get must not hang a demo)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(faults)
+    after = 0
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -121,92 +134,116 @@ def run_demo(
     )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("training", total=steps, info="starting")
-        pending_crash = crash_at
         while True:
-            attempt = Attempt(number=len(attempts), started=time.monotonic())
-            attempts.append(attempt)
-            worker_env = dict(os.environ)
-            worker_env.update({env.JOB_ID: "demo", env.ATTEMPT_ID: str(attempt.number)})
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=worker_env,
-                start_new_session=True,
+            job = api.job(JOB)
+            step = job.get("last_step") or 0
+            metrics = job.get("metrics") or {}
+            info = f"{job['state']}"
+            if "loss" in metrics:
+                rate = float(metrics.get("tok_s", 0))
+                info += f"  loss {float(metrics['loss']):.3f}  {rate:,.0f} tok/s"
+            bar.update(task, completed=step, info=info)
+            if pending and step >= pending[0].step and _inject(pending[0], job, api, home):
+                fault = pending.pop(0)
+                bar.console.print(f"[red]fault[/] after step {step}: {fault.kind}: {fault.target}")
+            for ev in api.events(job=JOB, after=after):
+                after = ev["id"]
+                _note(ev, faults, bar.console)
+            if is_terminal(job):
+                return job
+            if time.monotonic() > deadline:
+                bar.console.print(f"[red]gave up after {timeout_s:.0f} s:[/] {job['reason']}")
+                return job
+            time.sleep(0.2)
+
+
+def _note(ev: Any, faults: list[Fault], out: Console) -> None:
+    open_faults = [f for f in faults if f.injected_unix and f.detected_unix is None]
+    if ev["kind"] == "fault_detected" and open_faults:
+        fault = open_faults[0]
+        fault.detected_unix = float(ev["data"].get("detected_unix") or ev["time_unix"])
+        fault.cause = ev["cause"]
+        lag = fault.detected_unix - (fault.injected_unix or 0)
+        out.print(f"  [yellow]detected[/] in {lag:.1f} s: {ev['cause']}")
+    elif ev["kind"] == "attempt_created" and ev["cause"] != "scheduled":
+        out.print(f"  [cyan]decided[/]: {ev['cause']} on {', '.join(ev['data'].get('nodes', []))}")
+    elif ev["kind"] == "first_step":
+        waiting = [f for f in faults if f.detected_unix and f.back_unix is None]
+        if waiting:
+            fault = waiting[0]
+            fault.back_unix = ev["time_unix"]
+            fault.resumed_step = ev["data"].get("step")
+            lag = fault.back_unix - (fault.injected_unix or 0)
+            out.print(
+                f"  [green]training again[/] at step {fault.resumed_step}, "
+                f"{lag:.1f} s after the fault"
             )
-            reader = threading.Thread(target=_follow, args=(proc, attempt, log_lines), daemon=True)
-            reader.start()
-            while proc.poll() is None:
-                if attempt.steps:
-                    step, _, fields = attempt.steps[-1]
-                    info = f"loss {float(fields['loss']):.3f}  {float(fields['tok_s']):,.0f} tok/s"
-                    bar.update(task, completed=step, info=info)
-                    if pending_crash is not None and step >= pending_crash:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        attempt.killed_at = time.monotonic()
-                        bar.console.print(
-                            f"[red]crash injected:[/] worker SIGKILLed after step {step}"
-                        )
-                        pending_crash = None
-                time.sleep(0.02)
-            reader.join()
-            attempt.exit_code = proc.returncode
-            if attempt.killed_at is not None:
-                continue  # the supervisor's whole job: start it again
-            break
-        if attempts[-1].steps:
-            bar.update(task, completed=attempts[-1].steps[-1][0])
-
-    wall = time.monotonic() - began
-    final = attempts[-1]
-    if final.exit_code != 0:
-        console.print(f"[red]worker failed with exit code {final.exit_code}; last log lines:[/]")
-        for line in log_lines[-20:]:
-            console.print(f"  {line}", markup=False, highlight=False)
-        return 1
-    _summary(attempts, wall, steps, ckpt)
-    return 0
 
 
-def _summary(attempts: list[Attempt], wall: float, steps: int, ckpt: Path) -> None:
-    durations = [b[1] - a[1] for at in attempts for a, b in itertools.pairwise(at.steps)]
-    step_time = statistics.median(durations) if durations else 0.0
-    executed = sum(len(a.steps) for a in attempts)
-    recomputed = executed - steps
-    last = attempts[-1].steps[-1][2]
-    stall = sum(float(f.get("ckpt_block_s", 0.0)) for a in attempts for _, _, f in a.steps)
-    productive = steps * step_time
-
-    table = Table(title="demo summary", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("steps kept / executed", f"{steps} / {executed}")
-    table.add_row("final train loss", f"{float(last['loss']):.4f}")
-    if "val_loss" in last:
-        table.add_row("held-out loss", f"{float(last['val_loss']):.4f}")
-    table.add_row("median step time", f"{step_time * 1000:.1f} ms")
-    table.add_row("wall time", f"{wall:.1f} s")
-    for prev, nxt in itertools.pairwise(attempts):
-        if prev.killed_at is None or not nxt.steps:
-            continue
-        first_new = next((t for s, t, _ in nxt.steps if s > prev.steps[-1][0]), None)
-        table.add_row(
-            f"crash after step {prev.steps[-1][0]}",
-            f"resumed from step {nxt.resumed_from}, "
-            f"{prev.steps[-1][0] - nxt.resumed_from} steps recomputed",
-        )
-        restart = nxt.steps[0][1] - prev.killed_at
-        table.add_row("  restart to first step", f"{restart:.1f} s")
-        if first_new is not None:
-            table.add_row("  crash to first new step", f"{first_new - prev.killed_at:.1f} s")
-    table.add_row("recomputed steps", str(recomputed))
-    table.add_row("checkpoint stall (total)", f"{stall * 1000:.0f} ms")
-    table.add_row("goodput (ETTR)", f"{productive / wall:.1%} of wall time was kept progress")
-    kept = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))
-    table.add_row("checkpoints on disk", ", ".join(kept))
-    console.print(table)
+def _summary(job: JobView, faults: list[Fault], api: IronpodClient) -> None:
+    names = {n["id"]: n["name"] for n in api.nodes()}
+    console.print(render.attempts_table(job.get("attempts") or [], names))
+    if faults:
+        table = render.table(
+            "FAULT", "INJECTED", "DETECTED AFTER", "TRAINING AGAIN AFTER", "RESUMED AT", "CAUSE",
+            title="faults and recoveries (seconds after injection)",
+        )  # fmt: skip
+        for f in faults:
+            base = f.injected_unix or 0
+            table.add_row(
+                f"{f.kind}@{f.step}",
+                f.target,
+                render.duration(f.detected_unix - base) if f.detected_unix else "-",
+                render.duration(f.back_unix - base) if f.back_unix else "-",
+                str(f.resumed_step) if f.resumed_step is not None else "-",
+                f.cause,
+            )
+        console.print(table)
+    if "goodput" in job:
+        console.print(render.goodput_table(job["goodput"]))
+    metrics = job.get("metrics") or {}
     console.print(
-        "ETTR = kept steps x median step time / wall time; the rest went to process start-up, "
-        "data loading, the crash and recomputation."
+        f"job {job['state']}: {job['reason']}; final loss {metrics.get('loss', '?')}, "
+        f"held-out loss {metrics.get('val_loss', '?')}"
     )
+
+
+def run_demo(
+    *,
+    config: str = "tiny",
+    steps: int = 300,
+    faults: str = "crash@85,hang@155,node@226",
+    every: int = 10,
+    workdir: Path = Path("runs/demo"),
+    overrides: list[str] | None = None,
+) -> int:
+    from ironpod.cluster import local
+    from recipes.gpt.config import load_config
+    from recipes.gpt.data import prepare
+
+    overrides = list(overrides or [])
+    schedule = parse_faults(faults, steps)
+    cfg = load_config(config, overrides)  # a bad setting fails here, before anything is written
+    workdir = workdir.resolve()
+    home = workdir / "cluster"
+    if local.read_cluster(home) is not None:
+        local.down(home)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    console.rule("[bold]ironpod demo: GPT pretraining on a cluster that fails")
+    with console.status("preparing data (the first run trains and caches the tokenizer)"):
+        data = prepare(cfg.data)
+    console.print(f"data: {len(data.train):,} training tokens, tokenizer {data.tokenizer.name}")
+    with console.status("starting a controller and 3 agents (simulated nodes)"):
+        info = local.up(3, home, heartbeat_interval_s=0.5, node_lost_after_s=3.0)
+    try:
+        with info.admin_client() as api:
+            api.submit(job_spec(steps, every, workdir / "checkpoints", config, overrides))
+            plan = ", ".join(f"{f.kind} after step {f.step}" for f in schedule) or "no faults"
+            console.print(f"job {JOB}: 2 nodes x 1 rank (DDP), {steps} steps; faults: {plan}")
+            job = _follow(api, home, steps, schedule, timeout_s=120 + 2.0 * steps)
+            _summary(api.job(JOB), schedule, api)
+            return 0 if job["state"] == "succeeded" else 1
+    finally:
+        with console.status("stopping the cluster"):
+            local.down(home)

@@ -89,13 +89,13 @@ def version() -> None:
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(min=2, help="training steps")] = 300,
-    crash_at: Annotated[
-        int, typer.Option(help="SIGKILL the worker after this step (0: no crash)")
-    ] = 170,
+    steps: Annotated[int, typer.Option(min=20, help="training steps")] = 300,
+    faults: Annotated[
+        str, typer.Option(help="KIND@STEP,... with KIND crash, hang or node; 'none' for none")
+    ] = "crash@85,hang@155,node@226",
     every: Annotated[int, typer.Option(min=1, help="checkpoint every N steps")] = 10,
     config: Annotated[str, typer.Option(help="recipe preset or YAML file")] = "tiny",
-    workdir: Annotated[Path, typer.Option(help="where checkpoints go (emptied first)")] = Path(
+    workdir: Annotated[Path, typer.Option(help="cluster and checkpoints (emptied first)")] = Path(
         "runs/demo"
     ),
     set_: Annotated[
@@ -103,7 +103,7 @@ def demo(
         typer.Option("--set", help="recipe override KEY=VALUE (repeatable)"),
     ] = None,
 ) -> None:
-    """Pretrain the GPT recipe on the Python standard library, through an injected crash."""
+    """A local cluster pretrains the GPT recipe through a crash, a hang and a lost node."""
     from ironpod.cli.demo import run_demo
 
     overrides = ["data.tokenizer=bpe", "data.vocab_size=1024", *(set_ or [])]
@@ -111,7 +111,7 @@ def demo(
         code = run_demo(
             config=config,
             steps=steps,
-            crash_at=crash_at or None,
+            faults=faults,
             every=every,
             workdir=workdir,
             overrides=overrides,
