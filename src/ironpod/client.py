@@ -99,6 +99,7 @@ class Goodput(TypedDict):
     recomputed_s: float
     recomputed_steps: int
     recovery_gap_s: float
+    checkpoint_stall_s: float
     other_s: float
     restarts: int
     ettr: float

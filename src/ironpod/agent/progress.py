@@ -47,6 +47,11 @@ class RankProgress:
             if self.last_progress_unix is not None and t > self.last_progress_unix:
                 self.step_seconds.append(t - self.last_progress_unix)
         elif update.step != self.last_step:
+            # A step arrives twice (beacon and log line): count its checkpoint stall once.
+            stall = update.metrics.get("ckpt_block_s")
+            if isinstance(stall, int | float):
+                total = float(self.metrics.get("ckpt_block_total_s", 0.0)) + float(stall)
+                self.metrics["ckpt_block_total_s"] = total
             if self.last_step is not None and self.last_step_unix is not None:
                 steps = update.step - self.last_step
                 if steps > 0 and t > self.last_step_unix:

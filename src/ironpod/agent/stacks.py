@@ -2,13 +2,15 @@
 
 py-spy reads the interpreter's memory (ptrace), so it works on a worker stuck in a collective,
 in C code, or stopped, without any cooperation from the script. Without py-spy nothing is
-sent to the worker: SIGUSR1 would kill a process that did not register a handler for it.
+sent to a worker unless its beacons announced that ``ironpod.train`` registered faulthandler
+on SIGUSR1 (an unprepared process would die of it); such a worker writes its own stacks.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,11 +27,23 @@ def find_py_spy() -> str | None:
     return beside if os.access(beside, os.X_OK) else None
 
 
-def capture_stacks(pids: list[int], *, timeout_s: float = 10.0) -> str:
-    """``py-spy dump`` of each process in turn, all within ``timeout_s``; the text to log."""
+def capture_stacks(
+    pids: list[int], *, timeout_s: float = 10.0, sigusr1_pid: int | None = None
+) -> str:
+    """``py-spy dump`` of each process in turn, all within ``timeout_s``; the text to log.
+
+    Without py-spy, ``sigusr1_pid`` (a worker that announced its faulthandler) is sent
+    SIGUSR1 and writes its stacks into its own log.
+    """
     exe = find_py_spy()
     if exe is None:
-        return NO_PY_SPY
+        if sigusr1_pid is None:
+            return NO_PY_SPY
+        try:
+            os.kill(sigusr1_pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return f"pid {sigusr1_pid}: gone before its stacks could be asked for"
+        return f"(no py-spy: sent SIGUSR1; pid {sigusr1_pid} writes its stacks via faulthandler)"
     deadline = time.monotonic() + timeout_s
     return "\n".join(_dump_one(exe, pid, deadline) for pid in pids)
 

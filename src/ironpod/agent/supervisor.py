@@ -264,7 +264,10 @@ class Supervisor:
         )
         log.warning("hang detected: rank %d (pid %d): %s", worker.rank, worker.pid, detail)
         worker.log.note(f"hang detected: {detail}; Python stacks follow")
-        worker.log.note(capture_stacks(_stack_pids(worker)))
+        announced = bool(worker.progress.metrics.get("stacks_sigusr1"))
+        worker.log.note(
+            capture_stacks(_stack_pids(worker), sigusr1_pid=worker.pid if announced else None)
+        )
         self._report(
             WorkerEvent(
                 attempt_id=worker.attempt_id,

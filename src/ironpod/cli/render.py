@@ -210,11 +210,12 @@ def goodput_table(good: Goodput) -> Table:
     out = table("PART", "TIME", "SHARE", title=f"goodput: ETTR {percent(good['ettr'])}")
     parts = [
         ("productive (kept steps)", good["productive_s"]),
+        ("  of which checkpoint stall", good.get("checkpoint_stall_s", 0.0)),
         ("queued", good["queued_s"]),
         ("startup and restore", good["startup_restore_s"]),
         (f"recomputed ({good['recomputed_steps']} steps)", good["recomputed_s"]),
         (f"recovery gaps ({good['restarts']} restarts)", good["recovery_gap_s"]),
-        ("other (lost progress, stalls)", good["other_s"]),
+        ("other (lost progress, evaluation)", good["other_s"]),
     ]
     for name, seconds in parts:
         out.add_row(name, duration(seconds), percent(seconds / wall))

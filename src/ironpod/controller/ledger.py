@@ -7,6 +7,7 @@ progress and ended, and which steps it covered), never from guesses:
 - startup and restore: attempt creation to its first step (process start, rendezvous, restore);
 - productive: steps kept in the end, at each attempt's measured time per step;
 - recomputed: steps run again after a restore from an older checkpoint;
+- checkpoint stall: the seconds steps were blocked by checkpoint saves (within productive);
 - lost: progress that happened after the last kept step of a failed attempt until its failure
   was detected, and the gap from failure to the next attempt (detect, decide, restart);
 - ETTR = productive / wall.
@@ -63,6 +64,9 @@ def goodput(job: Job, attempts: list[Attempt], now: float) -> dict[str, Any]:
         productive += kept * step_s
         recomputed_s += redone * step_s
         recomputed_steps += redone
+    # Checkpoint stalls happen inside steps, so they are part of productive time: shown
+    # on their own (from the agents' running totals of ckpt_block_s), not subtracted again.
+    stall = sum(float((a.metrics or {}).get("ckpt_block_total_s", 0.0)) for a in ordered)
     other = max(0.0, wall - queued - startup - productive - recomputed_s - gaps)
     return {
         "wall_s": wall,
@@ -72,6 +76,7 @@ def goodput(job: Job, attempts: list[Attempt], now: float) -> dict[str, Any]:
         "recomputed_s": recomputed_s,
         "recomputed_steps": recomputed_steps,
         "recovery_gap_s": gaps,
+        "checkpoint_stall_s": stall,
         "other_s": other,
         "restarts": max(0, len(ordered) - 1),
         "ettr": productive / wall,

@@ -31,6 +31,16 @@ Metric = int | float | str
 _FIELD_RE = re.compile(r'([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
+#: Beacon field saying "SIGUSR1 dumps my Python stacks" (set by ironpod.train.init()).
+STACKS_FIELD = "stacks_sigusr1"
+_announce: dict[str, int] = {}
+
+
+def announce_stack_signal() -> None:
+    """From now on every beacon tells the agent that SIGUSR1 is safe and dumps stacks."""
+    _announce[STACKS_FIELD] = 1
+
+
 @dataclass(slots=True)
 class BeaconSender:
     """Sends beacons for one process. Cheap to create; connects lazily."""
@@ -54,7 +64,14 @@ class BeaconSender:
 
     def _send_datagram(self, step: int, metrics: dict[str, Metric]) -> None:
         payload = json.dumps(
-            {"rank": self.rank, "step": step, "t": time.time(), "pid": os.getpid(), **metrics},
+            {
+                "rank": self.rank,
+                "step": step,
+                "t": time.time(),
+                "pid": os.getpid(),
+                **_announce,
+                **metrics,
+            },
             separators=(",", ":"),
         ).encode()
         try:

@@ -7,6 +7,7 @@ one process, and installs the graceful-stop handler. Scripts never read env vars
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from ironpod import env
 from ironpod.errors import EXIT_PREEMPTED, ConfigError
+from ironpod.train import beacon
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,17 @@ class TrainContext:
 
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _install_stack_dumper() -> None:
+    """SIGUSR1 prints every thread's Python stack to stderr (the rank's log).
+
+    The agent uses it to show where a hung worker is stuck when py-spy is not installed; it
+    sends SIGUSR1 only to ranks whose beacons announce the handler (an unprepared process
+    would die of it).
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    beacon.announce_stack_signal()
 
 
 def _install_stop_handler(ctx: TrainContext) -> None:
@@ -154,6 +167,8 @@ def init(*, device: str | None = None, backend: str | None = None) -> TrainConte
         is_distributed=distributed,
     )
     _install_stop_handler(ctx)
+    if threading.current_thread() is threading.main_thread():
+        _install_stack_dumper()
     return ctx
 
 
