@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ironpod import env
+from ironpod.env import CHECKPOINT_DIR
 from ironpod.errors import ConfigError
 from recipes.gpt.model import ModelConfig, Positive, PositiveFloat
 
@@ -26,7 +26,7 @@ CACHE_DIR_ENV = "IRONPOD_CACHE_DIR"
 #: Environment variables that set a config field: they beat the YAML file, ``--set`` beats them.
 ENV_OVERRIDES: dict[str, str] = {
     CACHE_DIR_ENV: "data.cache_dir",
-    env.CHECKPOINT_DIR: "checkpoint.dir",
+    CHECKPOINT_DIR: "checkpoint.dir",
 }
 
 CONFIGS_DIR = Path(__file__).parent / "configs"

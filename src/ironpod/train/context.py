@@ -11,6 +11,7 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -93,7 +94,13 @@ def _install_stack_dumper() -> None:
     sends SIGUSR1 only to ranks whose beacons announce the handler (an unprepared process
     would die of it).
     """
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    stream = sys.__stderr__  # fd 2: the rank's log, even where sys.stderr was replaced
+    try:
+        if stream is None:
+            return
+        faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True, chain=False)
+    except (OSError, ValueError, RuntimeError):  # no usable fd 2: no fallback stacks, no harm
+        return
     beacon.announce_stack_signal()
 
 
