@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ironpod import __version__
 from ironpod.controller.auth import Tokens
-from ironpod.controller.db import Attempt, Event, Job, Node
+from ironpod.controller.db import Attempt, Event, Job, Node, now
 from ironpod.controller.ledger import goodput
 from ironpod.controller.service import Controller, NotFoundError
 from ironpod.controller.views import attempt_view, event_view, job_view, node_view
@@ -104,21 +104,20 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
         with session() as s:
             return [node_view(n) for n in s.scalars(select(Node).order_by(Node.id))]
 
-    @api.post("/nodes/{ref}/drain")
-    def drain(ref: str) -> dict[str, Any]:
+    def set_drain(ref: str, drain: bool) -> dict[str, Any]:
         with session() as s:
             node_id = find_node(s, ref).id
-        controller.drain(node_id, True)
+        controller.drain(node_id, drain)
         with session() as s:
             return node_view(find_node(s, ref))
 
+    @api.post("/nodes/{ref}/drain")
+    def drain(ref: str) -> dict[str, Any]:
+        return set_drain(ref, True)
+
     @api.post("/nodes/{ref}/undrain")
     def undrain(ref: str) -> dict[str, Any]:
-        with session() as s:
-            node_id = find_node(s, ref).id
-        controller.drain(node_id, False)
-        with session() as s:
-            return node_view(find_node(s, ref))
+        return set_drain(ref, False)
 
     @api.post("/jobs", status_code=201)
     def submit(body: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +136,7 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
             for job in s.scalars(query):
                 attempts = list(s.scalars(select(Attempt).where(Attempt.job_id == job.id)))
                 view = job_view(job, attempts)
-                view["goodput"] = goodput(job, attempts, controller_now())
+                view["goodput"] = goodput(job, attempts, now())
                 view.pop("attempts")
                 out.append(view)
             return out
@@ -148,7 +147,7 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
             job = find_job(s, ref)
             attempts = list(s.scalars(select(Attempt).where(Attempt.job_id == job.id)))
             view = job_view(job, attempts)
-            view["goodput"] = goodput(job, attempts, controller_now())
+            view["goodput"] = goodput(job, attempts, now())
             return view
 
     @api.post("/jobs/{ref}/cancel")
@@ -221,9 +220,3 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
     app.include_router(nodes_api)
     app.include_router(api)
     return app
-
-
-def controller_now() -> float:
-    from ironpod.controller.db import now
-
-    return now()
