@@ -15,6 +15,7 @@ import random
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREFIX = "ipt"
 
@@ -86,6 +87,28 @@ class Hosts:
         self.procs.append(proc)
         return proc  # type: ignore[no-any-return]
 
+    def pids(self, i: int) -> list[int]:
+        """Every process running inside host i."""
+        out = _ip("netns", "pids", self.namespace(i), check=False).stdout
+        return [int(pid) for pid in out.split()]
+
+    def worker_pids(self, i: int, marker: str = "recipes.gpt.train") -> list[int]:
+        """Processes inside host i whose command line contains ``marker``."""
+        found = []
+        for pid in self.pids(i):
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    found.append(pid)
+        return found
+
+    def kill_all(self, i: int) -> list[int]:
+        """SIGKILL every process inside host i at once: the machine died."""
+        pids = self.pids(i)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        return pids
+
     def link(self, i: int, up: bool) -> None:
         _ip("link", "set", self.veth(i), "up" if up else "down")
 
@@ -96,10 +119,7 @@ class Hosts:
                 proc.wait(timeout=10)
         for i in range(self.n):
             # Anything still running inside (workers of a killed agent) dies with its namespace.
-            pids = _ip("netns", "pids", self.namespace(i), check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
+            self.kill_all(i)
             _ip("link", "del", self.veth(i), check=False)
             _ip("netns", "del", self.namespace(i), check=False)
         _ip("link", "del", self.bridge, check=False)

@@ -1,14 +1,22 @@
-"""Several real hosts: agents in network namespaces, a controller on the bridge, a cut link.
+"""Several real hosts: agents in network namespaces, a controller on the bridge, real faults.
 
-Two of three hosts run a 2-node DDP job of the GPT recipe (gloo over the hosts' own eth0);
-then the job runs again and one host's link is cut mid-run (``ip link set ... down``): the
-controller loses the node, restarts the job on the third host, and the final loss equals the
-uninterrupted run's.
+Two of three hosts run a 2-node DDP job of the GPT recipe (gloo over the hosts' own eth0) once
+without faults, for the reference loss. Then the job runs again under each fault, injected
+inside the hosts the way hardware and kernels do it:
+
+- a host's link is cut (``ip link set ... down``): the node is lost, the job moves to the
+  third host;
+- every process of a host is SIGKILLed (its agent and the workers: the machine died);
+- one worker is SIGSTOPped (a hung rank: alive, silent).
+
+Each time the job succeeds and its final loss equals the reference's. Between faults the host
+is repaired (link up, a new agent) and returned to service with ``undrain``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -50,15 +58,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         client = IronpodClient(url, tokens["admin"])
         _wait_for(lambda: _ok(client.healthz), 30)
         for i in range(3):
-            hosts.popen(
-                i,
-                [sys.executable, "-m", "ironpod.agent", "--join", url, "--token",
-                 tokens["join"], "--name", f"host{i}", "--workdir", str(root / f"host{i}"),
-                 "--address", hosts.address(i), "--heartbeat-interval", "0.5"],
-                env=env, stdout=_log(root / f"agent{i}.log"), stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            _start_agent(hosts, i, url, tokens["join"], root, env)
         _wait_for(lambda: len([n for n in client.nodes() if n["state"] == "ready"]) == 3, 60)
-        yield {"client": client, "hosts": hosts, "root": root}
+        yield {
+            "client": client,
+            "hosts": hosts,
+            "root": root,
+            "start_agent": lambda i: _start_agent(hosts, i, url, tokens["join"], root, env),
+        }
     finally:
         hosts.destroy()
         controller.send_signal(signal.SIGTERM)
@@ -68,9 +75,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             controller.kill()
 
 
-def _log(path: Path) -> Any:
+def _start_agent(
+    hosts: netns.Hosts, i: int, url: str, token: str, root: Path, env: dict[str, str]
+) -> None:
+    hosts.popen(
+        i,
+        [sys.executable, "-m", "ironpod.agent", "--join", url, "--token", token,
+         "--name", f"host{i}", "--workdir", str(root / f"host{i}"),
+         "--address", hosts.address(i), "--heartbeat-interval", "0.5"],
+        env=env, stdout=_log(root / f"agent{i}.log", append=True), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _log(path: Path, append: bool = False) -> Any:
     """A log file the child process writes to for its whole life (closed when it exits)."""
-    return open(path, "wb")
+    return open(path, "ab" if append else "wb")
 
 
 def _read_json(path: Path) -> Any:
@@ -95,7 +114,7 @@ def _wait_for(condition: Any, timeout_s: float) -> Any:
     raise TimeoutError(f"condition not met in {timeout_s} s")
 
 
-def _spec(name: str, root: Path) -> dict[str, Any]:
+def _spec(name: str, root: Path, hang_timeout_s: float = 60) -> dict[str, Any]:
     sets = [
         f"train.steps={STEPS}", "train.global_batch=8", "train.warmup=4", "train.num_threads=1",
         "train.eval_every=1000", "data.seq_len=64", "data.max_bytes=400000",
@@ -112,7 +131,11 @@ def _spec(name: str, root: Path) -> dict[str, Any]:
         "command": command,
         "workdir": str(Path(__file__).resolve().parent.parent),
         "env": {"GLOO_SOCKET_IFNAME": "eth0", "IRONPOD_CACHE_DIR": str(root / "cache")},
-        "restart": {"max_restarts": 3, "node_failures_to_quarantine": 1, "hang_timeout_s": 60},
+        "restart": {
+            "max_restarts": 3,
+            "node_failures_to_quarantine": 1,
+            "hang_timeout_s": hang_timeout_s,
+        },
     }
 
 
@@ -132,32 +155,107 @@ def _wait_done(client: IronpodClient, name: str, timeout_s: float = 240) -> dict
     return dict(job)
 
 
-def test_cut_link_moves_the_job_to_the_third_host(cluster: dict[str, Any]) -> None:
+@pytest.fixture(scope="module")
+def reference_loss(cluster: dict[str, Any]) -> float:
     client: IronpodClient = cluster["client"]
-    hosts: netns.Hosts = cluster["hosts"]
-    root: Path = cluster["root"]
-
-    client.submit(_spec("reference", root))
+    client.submit(_spec("reference", cluster["root"]))
     reference = _wait_done(client, "reference")
     assert reference["state"] == "succeeded", reference["reason"]
-    expected = _final_loss(client, "reference")
+    return _final_loss(client, "reference")
 
-    client.submit(_spec("cut", root))
+
+def _start_and_pick_victim(cluster: dict[str, Any], name: str, **spec: Any) -> tuple[int, str]:
+    """Submit ``name``, wait until it trained 8 steps; the host index and node id of its rank 1."""
+    client: IronpodClient = cluster["client"]
+    client.submit(_spec(name, cluster["root"], **spec))
     job = _wait_for(
-        lambda: (j := client.job("cut"))["attempts"] and (j["last_step"] or 0) >= 8 and j, 180
+        lambda: (j := client.job(name))["attempts"] and (j["last_step"] or 0) >= 8 and j, 180
     )
-    first = job["attempts"][0]
-    victim = first["node_ids"][1]
+    victim = job["attempts"][0]["node_ids"][1]
     names = {n["id"]: n["name"] for n in client.nodes()}
-    hosts.link(int(names[victim].removeprefix("host")), up=False)
-    cut_at = time.time()
+    return int(names[victim].removeprefix("host")), victim
 
-    done = _wait_done(client, "cut")
+
+def _repair(cluster: dict[str, Any], host: int) -> None:
+    """Return a host to service: all three nodes ready again, as after a technician's visit."""
+    client: IronpodClient = cluster["client"]
+    client.undrain(f"host{host}")
+    _wait_for(lambda: len([n for n in client.nodes() if n["state"] == "ready"]) == 3, 60)
+
+
+def _check_recovered(
+    cluster: dict[str, Any], name: str, victim: str, cause: str, expected: float, moved: bool
+) -> list[Any]:
+    """The job succeeded on a second attempt, which avoided the victim's host if ``moved``,
+    with the reference's final loss; returns its fault events."""
+    client: IronpodClient = cluster["client"]
+    done = _wait_done(client, name)
     assert done["state"] == "succeeded", done["reason"]
     attempts = done["attempts"]
-    assert len(attempts) == 2
-    assert attempts[0]["end_cause"].startswith(f"node lost: {names[victim]}")
-    assert victim not in attempts[1]["node_ids"]
-    assert _final_loss(client, "cut") == expected
-    lost = [e for e in client.events(job="cut") if e["kind"] == "fault_detected"]
+    assert len(attempts) == 2, attempts
+    assert attempts[0]["end_cause"].startswith(cause), attempts[0]["end_cause"]
+    assert (victim not in attempts[1]["node_ids"]) == moved, attempts
+    assert _final_loss(client, name) == expected
+    return [e for e in client.events(job=name) if e["kind"] == "fault_detected"]
+
+
+def _report(fault: str, event: dict[str, Any], injected_unix: float) -> None:
+    """One line per fault for ``pytest -s``: how long detection and the decision took."""
+    data = event["data"]
+    print(
+        f"\n[netns] {fault}: detected {data['detected_unix'] - injected_unix:.2f} s,"
+        f" decided {data['decided_unix'] - injected_unix:.2f} s after injection ({event['cause']})"
+    )
+
+
+def test_cut_link_moves_the_job_to_the_third_host(
+    cluster: dict[str, Any], reference_loss: float
+) -> None:
+    hosts: netns.Hosts = cluster["hosts"]
+    host, victim = _start_and_pick_victim(cluster, "cut")
+    hosts.link(host, up=False)
+    cut_at = time.time()
+    lost = _check_recovered(
+        cluster, "cut", victim, f"node lost: host{host}", reference_loss, moved=True
+    )
     assert lost and lost[0]["data"]["detected_unix"] - cut_at < 10
+    _report("link cut", lost[0], cut_at)
+    hosts.link(host, up=True)
+    _repair(cluster, host)
+
+
+def test_killed_host_moves_the_job_to_the_third_host(
+    cluster: dict[str, Any], reference_loss: float
+) -> None:
+    """SIGKILL every process of one host: its agent and its workers die together."""
+    hosts: netns.Hosts = cluster["hosts"]
+    host, victim = _start_and_pick_victim(cluster, "killed")
+    killed = hosts.kill_all(host)
+    killed_at = time.time()
+    assert len(killed) >= 2  # the agent and at least its worker
+    # The survivor's collective fails at once (a crash), or the controller declares the node
+    # lost first: either way the dead host is blamed, quarantined, and the job moves.
+    lost = _check_recovered(cluster, "killed", victim, "", reference_loss, moved=True)
+    assert lost and lost[0]["data"]["detected_unix"] - killed_at < 10
+    _report("host killed", lost[0], killed_at)
+    cluster["start_agent"](host)
+    _repair(cluster, host)
+
+
+def test_stopped_worker_is_detected_as_a_hang(
+    cluster: dict[str, Any], reference_loss: float
+) -> None:
+    """SIGSTOP one worker: it stays alive and silent, its peer blocks in the all-reduce. Both
+    ranks stopped at the same step, so no node is to blame: the job restarts in place."""
+    client: IronpodClient = cluster["client"]
+    hosts: netns.Hosts = cluster["hosts"]
+    host, victim = _start_and_pick_victim(cluster, "stopped", hang_timeout_s=5)
+    pid = next(int(p) for p in hosts.worker_pids(host))
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    hangs = _check_recovered(cluster, "stopped", victim, "hang", reference_loss, moved=False)
+    assert hangs and hangs[0]["data"]["fault"] == "hang"
+    assert hangs[0]["data"]["detected_unix"] - stopped_at < 5 + 10
+    _report("worker stopped", hangs[0], stopped_at)
+    log, _ = client.logs("stopped", rank=1, attempt=0)
+    assert "hang detected: no progress for" in log
