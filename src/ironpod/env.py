@@ -26,6 +26,17 @@ ATTEMPT_ID = "IRONPOD_ATTEMPT_ID"
 CHECKPOINT_DIR = "IRONPOD_CHECKPOINT_DIR"
 #: Path of the agent's Unix datagram socket that receives progress beacons.
 BEACON_SOCKET = "IRONPOD_BEACON_SOCKET"
+#: The job's in-memory snapshot area on this node (tmpfs, owned by the agent): see snapshot.py.
+SNAPSHOT_DIR = "IRONPOD_SNAPSHOT_DIR"
+#: The node agent's HTTP base URL and a per-agent token for its workers (snapshot reservations).
+AGENT_URL = "IRONPOD_AGENT_URL"
+AGENT_TOKEN = "IRONPOD_AGENT_TOKEN"
+#: A JSON file the agent rewrites with the controller's advice to the workers (durable
+#: checkpoint interval); read by ``ironpod.train`` when it changes.
+CONTROL_FILE = "IRONPOD_CONTROL_FILE"
+#: The step the controller planned to restore from the memory tiers (for logs; the ranks agree
+#: on the step themselves from what they find).
+RESTORE_STEP = "IRONPOD_RESTORE_STEP"
 #: "1" forces torch.distributed initialisation even with WORLD_SIZE=1, "0" forbids it.
 DISTRIBUTED = "IRONPOD_DISTRIBUTED"
 #: torch.distributed backend override ("gloo", "nccl"); default: nccl on CUDA, else gloo.
@@ -59,6 +70,11 @@ ALL = (
     ATTEMPT_ID,
     CHECKPOINT_DIR,
     BEACON_SOCKET,
+    SNAPSHOT_DIR,
+    AGENT_URL,
+    AGENT_TOKEN,
+    CONTROL_FILE,
+    RESTORE_STEP,
     DISTRIBUTED,
     DIST_BACKEND,
     PROGRESS_LOG,
