@@ -63,6 +63,35 @@ class RestartPolicy(_Strict):
         return value
 
 
+class MemoryTier(_Strict):
+    """In-memory snapshots (tier 1 on the node, tier 2 on peers) and the durable interval.
+
+    The snapshots themselves are taken by ``ironpod.train`` (``TieredCheckpointer``); this says
+    how the cluster keeps them: how many peers hold a copy, which node label names a failure
+    domain (copies avoid sharing one), and how often the durable tier is written.
+    """
+
+    replicas: int = Field(1, ge=0, le=8, description="peer nodes holding a copy of a snapshot")
+    failure_domain_label: str = Field(
+        "failure_domain", description="node label naming a failure domain (rack, switch, zone)"
+    )
+    durable_interval: Literal["auto"] | float | None = Field(
+        "auto",
+        description="seconds between durable checkpoints; 'auto': Young/Daly from measured "
+        "costs and failures; None: the script decides",
+    )
+    mtbf_prior_s: float = Field(
+        24 * 3600.0, gt=0, description="prior mean time between failures of this job, seconds"
+    )
+
+    @field_validator("durable_interval")
+    @classmethod
+    def _positive(cls, value: str | float | None) -> str | float | None:
+        if isinstance(value, float | int) and value <= 0:
+            raise ValueError("must be positive seconds, 'auto' or null")
+        return value
+
+
 class JobSpec(_Strict):
     """A training job."""
 
@@ -77,6 +106,7 @@ class JobSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
     checkpoint_dir: str | None = None
+    memory: MemoryTier = Field(default_factory=MemoryTier)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
 

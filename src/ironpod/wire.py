@@ -11,6 +11,10 @@ Routes (all under ``/api/v1``, bearer token = the node join token or the admin t
 - ``POST /nodes/{node_id}/heartbeat`` Heartbeat -> HeartbeatReply
 - ``POST /nodes/{node_id}/events``    WorkerEvent -> {"ok": true}
 
+Heartbeats also carry the in-memory snapshots the node holds and the agent's notices; the
+reply's assignment says where to replicate snapshots and, after a failure, where each rank's
+newest snapshot is (the restore plan).
+
 The agent serves its workers' logs at ``GET {agent_url}/logs/{attempt_id}/{rank}?offset=N``
 (same bearer token), which the controller proxies for ``ironpod logs``.
 """
@@ -72,10 +76,43 @@ class WorkerStatus(_Wire):
     metrics: dict[str, float | int | str] = Field(default_factory=dict)
 
 
+class SnapshotHolding(_Wire):
+    """A committed in-memory snapshot this node holds (its own rank's, or a peer's replica)."""
+
+    job_id: int
+    rank: int
+    step: int
+    kind: Literal["slot", "replica"]
+    nbytes: int
+
+
+class AgentNotice(_Wire):
+    """Something the agent did on its own that people should see (an eviction, a refusal)."""
+
+    kind: str
+    message: str
+    job_id: int | None = None
+    time_unix: float
+    data: dict[str, float | int | str] = Field(default_factory=dict)
+
+
 class Heartbeat(_Wire):
     agent_instance: str
     time_unix: float
     workers: list[WorkerStatus] = Field(default_factory=list)
+    snapshots: list[SnapshotHolding] = Field(default_factory=list)
+    notices: list[AgentNotice] = Field(default_factory=list)
+    memory_budget_bytes: int | None = None
+    memory_used_bytes: int | None = None
+
+
+class RestorePlan(_Wire):
+    """The newest step every rank has in some node's memory: where each rank fetches it."""
+
+    step: int
+    sources: dict[str, list[str]] = Field(
+        description="rank -> agent URLs holding its snapshot of ``step``, best first"
+    )
 
 
 class Assignment(_Wire):
@@ -102,12 +139,25 @@ class Assignment(_Wire):
     hang_factor: float = 10.0
     startup_timeout_s: float = 600.0
     progress_regex: str | None = None
+    replicate_to: list[str] = Field(
+        default_factory=list, description="agent URLs this node copies its snapshots to"
+    )
+    peers: list[str] = Field(
+        default_factory=list, description="agent URLs of the attempt's other nodes"
+    )
+    restore: RestorePlan | None = None
+    durable_interval_s: float | None = Field(
+        None, description="the controller's durable-checkpoint interval (Young/Daly)"
+    )
 
 
 class HeartbeatReply(_Wire):
     assignment: Assignment | None = None
     stop_grace_s: float = 10.0
     reregister: bool = Field(False, description="the controller does not know this agent")
+    keep_jobs: list[int] | None = Field(
+        None, description="jobs whose snapshots are still wanted; others may be deleted"
+    )
 
 
 WorkerEventKind = Literal["exited", "hung", "first_progress"]

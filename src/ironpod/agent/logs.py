@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
+from ironpod.agent.snapshots import SnapshotStore
+from ironpod.agent.snapshots import handle as handle_snapshots
+
 log = logging.getLogger(__name__)
 
 #: Most bytes one GET returns; a reader asks again for the rest.
@@ -68,14 +71,46 @@ class _Server(ThreadingHTTPServer):
         self.logs_root = logs_root
         self.token = token
         self.info = info
+        self.snapshots: SnapshotStore | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "ironpod-agent"
 
+    def do_POST(self) -> None:
+        self._snapshots("POST")
+
+    def do_PUT(self) -> None:
+        self._snapshots("PUT")
+
+    def _snapshots(self, method: str) -> None:
+        """``/snapshots/...``: the in-memory checkpoint tiers (agent/snapshots.py)."""
+        server = cast(_Server, self.server)
+        parts = urlsplit(self.path).path.strip("/").split("/")
+        if server.snapshots is None or parts[0] != "snapshots":
+            self._reply(404, b"not found\n")
+            return
+
+        def body() -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length)
+
+        code, data, content_type = handle_snapshots(
+            server.snapshots,
+            method,
+            parts[1:],
+            body,
+            self._authorized,
+            self.headers.get("X-Ironpod-From", ""),
+        )
+        self._reply(code, data, content_type)
+
     def do_GET(self) -> None:
         server = cast(_Server, self.server)
         url = urlsplit(self.path)
+        if url.path.startswith("/snapshots/"):
+            self._snapshots("GET")
+            return
         if url.path == "/healthz":
             self._reply(200, json.dumps({"ok": True, **server.info}).encode(), "application/json")
             return
@@ -141,6 +176,9 @@ class LogServer:
         host, port = self._server.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def serve_snapshots(self, store: SnapshotStore) -> None:
+        self._server.snapshots = store
 
     def start(self) -> None:
         self._thread.start()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import logging
+import os
+import re
 import signal
 import socket
 import threading
@@ -24,7 +27,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import psutil
+
 import ironpod
+from ironpod import env
 from ironpod.agent.beacons import BeaconReceiver, beacon_socket_path
 from ironpod.agent.client import (
     Backoff,
@@ -36,12 +42,15 @@ from ironpod.agent.client import (
 )
 from ironpod.agent.logs import LogServer
 from ironpod.agent.resources import Capacity, detect_capacity
+from ironpod.agent.snapshots import SnapshotStore
 from ironpod.agent.supervisor import STOPPED_BY_AGENT, Supervisor, kill_stale_workers
 from ironpod.errors import ConfigError, errors_to_exit
-from ironpod.wire import Heartbeat, NodeRegistration, WorkerEvent
+from ironpod.wire import Assignment, Heartbeat, NodeRegistration, WorkerEvent
 
 log = logging.getLogger("ironpod.agent")
 
+#: Share of RAM the in-memory snapshots (own slots and peers' copies) may use by default.
+DEFAULT_MEMORY_BUDGET = "25%"
 #: Wait after the controller refused us outright (a wrong token, say) before asking again.
 _REJECTED_RETRY_S = 5.0
 #: On shutdown, time allowed for the last events (the workers' exits) to reach the controller.
@@ -59,6 +68,9 @@ def run_agent(
     labels: dict[str, str] | None = None,
     heartbeat_interval_s: float = 1.0,
     http_port: int = 0,
+    shm_dir: str | None = None,
+    memory_budget: str = DEFAULT_MEMORY_BUDGET,
+    replication_mb_s: float | None = None,
     stop_event: threading.Event | None = None,
 ) -> None:
     """Run this node's agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
@@ -66,6 +78,9 @@ def run_agent(
     ``heartbeat_interval_s`` paces the heartbeats until the controller's registration reply
     names its own interval, which then wins: the controller's lost-node timeout is built on it.
     ``cpus`` pins every worker to these CPUs (a simulated node of a local cluster).
+    ``shm_dir`` holds the in-memory snapshots (default ``/dev/shm/ironpod-<name>``), within
+    ``memory_budget`` ("25%" of RAM, or bytes like "8GiB"); copies to peers are sent at no more
+    than ``replication_mb_s`` MB/s.
     """
     stop = stop_event or threading.Event()
     with _stop_on_signals(stop):
@@ -79,6 +94,9 @@ def run_agent(
             labels=labels or {},
             heartbeat_interval_s=heartbeat_interval_s,
             http_port=http_port,
+            shm_dir=Path(shm_dir or f"/dev/shm/ironpod-{name}"),
+            memory_budget_bytes=parse_budget(memory_budget),
+            replication_bytes_s=replication_mb_s * 1e6 if replication_mb_s else None,
         )
         try:
             agent.run(stop)
@@ -101,6 +119,9 @@ class Agent:
         labels: dict[str, str],
         heartbeat_interval_s: float,
         http_port: int,
+        shm_dir: Path,
+        memory_budget_bytes: int,
+        replication_bytes_s: float | None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -118,6 +139,14 @@ class Agent:
             kill_stale_workers(workdir)
             self.http = _listen(address, http_port, workdir / "logs", token, name, self.instance)
             parts.callback(self.http.close)
+            self.snapshots = SnapshotStore(
+                shm_dir,
+                budget_bytes=memory_budget_bytes,
+                node_token=token,
+                bandwidth_bytes_s=replication_bytes_s,
+            )
+            parts.callback(self.snapshots.close)
+            self.http.serve_snapshots(self.snapshots)
             self._client = ControllerClient(join_url, token)
             parts.callback(self._client.close)
             self.events = EventSender(
@@ -126,12 +155,16 @@ class Agent:
             parts.callback(self.events.close)
             parts.callback(self.events.flush, _FLUSH_EVENTS_S)
             self.supervisor = Supervisor(
-                workdir=workdir, beacon_socket=socket_path, cpus=cpus, report=self.events.send
+                workdir=workdir,
+                beacon_socket=socket_path,
+                cpus=cpus,
+                report=self.events.send,
+                prepare=self._prepare_attempt,
             )
             parts.callback(self.supervisor.close)  # stops the workers, reports their exits
             self.beacons = BeaconReceiver(socket_path, self.supervisor.on_beacon)
             parts.callback(self.beacons.close)
-            for part in (self.events, self.supervisor, self.beacons, self.http):
+            for part in (self.events, self.supervisor, self.beacons, self.http, self.snapshots):
                 part.start()
             self._parts = parts.pop_all()
         log.info(
@@ -201,15 +234,63 @@ class Agent:
                 agent_instance=self.instance,
                 time_unix=time.time(),
                 workers=self.supervisor.statuses(),
+                snapshots=self.snapshots.holdings(),
+                notices=self.snapshots.drain_notices(),
+                memory_budget_bytes=self.snapshots.budget_bytes,
+                memory_used_bytes=self.snapshots.used_bytes(),
             ),
         )
         if reply.reregister:
             log.warning("controller asked node %s to register again", self.node_id)
             self.node_id = None
             return True
+        if reply.keep_jobs is not None:
+            self.snapshots.keep_only(reply.keep_jobs)
+        self.snapshots.set_assignment(reply.assignment, self.http.url)
+        if reply.assignment is not None:
+            self._write_control(reply.assignment)
         self.supervisor.set_desired(reply.assignment, reply.stop_grace_s)
         self.events.wake()
         return False
+
+    def _control_file(self, job_id: int) -> Path:
+        return self.snapshots.area(job_id) / "control.json"
+
+    def _write_control(self, a: Assignment) -> None:
+        """The controller's advice to the workers, in a file they re-read when it changes."""
+        body = json.dumps({"durable_interval_s": a.durable_interval_s}).encode()
+        path = self._control_file(a.job_id)
+        try:
+            if path.exists() and path.read_bytes() == body:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(body)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
+
+    def _prepare_attempt(self, a: Assignment) -> tuple[dict[str, str], dict[int, list[str]]]:
+        """Before an attempt's workers start: fetch the restore plan's copies this node lacks,
+        and point the workers at the snapshot area, the agent and the control file."""
+        area = self.snapshots.area(a.job_id)
+        area.mkdir(parents=True, exist_ok=True)
+        self._write_control(a)
+        notes: dict[int, list[str]] = {}
+        extra = {
+            env.SNAPSHOT_DIR: str(area),
+            env.AGENT_URL: self.http.url,
+            env.AGENT_TOKEN: self.snapshots.worker_token,
+            env.CONTROL_FILE: str(self._control_file(a.job_id)),
+        }
+        if a.restore is not None:
+            extra[env.RESTORE_STEP] = str(a.restore.step)
+            for rank in a.ranks:
+                sources = [u for u in a.restore.sources.get(str(rank), []) if u != self.http.url]
+                note = self.snapshots.fetch(a.job_id, rank, a.restore.step, sources)
+                notes[rank] = [f"restore plan: {note}"]
+                log.info("attempt %d restore plan: %s", a.attempt_id, note)
+        return extra, notes
 
     def _register(self) -> None:
         reply = self._client.register(
@@ -290,6 +371,26 @@ def parse_cpus(text: str) -> list[int]:
     return cpus
 
 
+def parse_budget(text: str) -> int:
+    """``"25%"`` of this machine's RAM, or a size: ``"8GiB"``, ``"512MiB"``, ``"1000000"``."""
+    units = {"": 1, "k": 1000, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    value = text.strip().lower()
+    try:
+        if value.endswith("%"):
+            share = float(value[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return int(psutil.virtual_memory().total * share / 100)
+        number = re.match(r"^([0-9.]+)\s*([a-z]*)$", value)
+        if number is None or number.group(2) not in units:
+            raise ValueError
+        return int(float(number.group(1)) * units[number.group(2)])
+    except ValueError:
+        raise ConfigError(
+            f"memory budget {text!r}: expected a share of RAM like 25% or a size like 8GiB"
+        ) from None
+
+
 def parse_labels(items: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in items:
@@ -312,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", action="append", default=[], metavar="K=V")
     parser.add_argument("--http-port", type=int, default=0, help="log server port (0: any)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S")
+    parser.add_argument("--shm-dir", help="in-memory snapshots [default: /dev/shm/ironpod-NAME]")
+    parser.add_argument("--memory-budget", default=DEFAULT_MEMORY_BUDGET, metavar="SIZE|N%%")
+    parser.add_argument("--replication-mb-s", type=float, metavar="MB/S", help="copy bandwidth")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -328,5 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             labels=parse_labels(args.label),
             heartbeat_interval_s=args.heartbeat_interval,
             http_port=args.http_port,
+            shm_dir=args.shm_dir,
+            memory_budget=args.memory_budget,
+            replication_mb_s=args.replication_mb_s,
         )
     return 0

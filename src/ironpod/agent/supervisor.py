@@ -53,8 +53,12 @@ class Supervisor:
         beacon_socket: str,
         cpus: list[int] | None,
         report: Callable[[WorkerEvent], None],
+        prepare: Callable[[Assignment], tuple[dict[str, str], dict[int, list[str]]]] | None = None,
     ) -> None:
         self.workdir = workdir
+        #: Called before an attempt's workers start: extra env for them and notes per rank
+        #: (the snapshot store fetches a restore plan's copies here).
+        self._prepare = prepare
         self.logs_root = workdir / "logs"
         self._beacon_socket = beacon_socket
         self._cpus = cpus
@@ -191,12 +195,20 @@ class Supervisor:
                 on_progress=self._on_progress,
                 on_exit=self._on_exit,
             )
+        extra: dict[str, str] = {}
+        if self._prepare is not None:
+            extra, notes = self._prepare(a)
+            for rank, lines in notes.items():
+                if rank in workers:
+                    for line in lines:
+                        workers[rank].log.note(line)
         with self._lock:
             self._current, self._workers = a, workers
         for worker in workers.values():
             env = worker_env(
                 a, rank=worker.rank, local_rank=worker.local_rank, beacon_socket=self._beacon_socket
             )
+            env.update(extra)
             with self._lock:
                 worker.start(env, cwd, self._cpus)
             if worker.start_error:

@@ -156,6 +156,15 @@ def agent(
     label: Annotated[list[str] | None, typer.Option(help="node label K=V (repeatable)")] = None,
     http_port: Annotated[int, typer.Option(min=0, max=65535, help="log server port")] = 0,
     heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="seconds")] = 1.0,
+    shm_dir: Annotated[
+        str | None, typer.Option(help="in-memory snapshots [default: /dev/shm/ironpod-NAME]")
+    ] = None,
+    memory_budget: Annotated[
+        str, typer.Option(help="snapshot memory: share of RAM (25%) or size (8GiB)")
+    ] = "25%",
+    replication_mb_s: Annotated[
+        float | None, typer.Option(min=0.001, help="cap on copying snapshots to peers, MB/s")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run this node's agent in the foreground until SIGTERM or SIGINT."""
@@ -173,6 +182,9 @@ def agent(
         labels=parse_pairs(label, "--label"),
         heartbeat_interval_s=heartbeat_interval,
         http_port=http_port,
+        shm_dir=shm_dir,
+        memory_budget=memory_budget,
+        replication_mb_s=replication_mb_s,
     )
 
 

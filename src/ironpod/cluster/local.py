@@ -234,7 +234,7 @@ def _agent_argv(info: ClusterInfo, agent: AgentProc, join_token: str) -> list[st
         *("--join", info.url, "--token", join_token, "--name", agent.name),
         *("--workdir", agent.workdir, "--address", "127.0.0.1"),
         *("--cpus", ",".join(map(str, agent.cpus))),
-        *("--label", f"shm_dir={agent.shm_dir}", "--label", "cluster=local"),
+        *("--shm-dir", agent.shm_dir, "--label", "cluster=local"),
         *("--heartbeat-interval", str(info.heartbeat_interval_s)),
     ]
 

@@ -56,6 +56,12 @@ class Node(Base):
     clock_skew_s: Mapped[float] = mapped_column(Float, default=0.0)
     failures: Mapped[list[float]] = mapped_column(JSON, default=list)
     attempt_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: In-memory snapshots held (wire.SnapshotHolding dicts), from the last heartbeat.
+    snapshots: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    #: The agent's snapshot memory: {"budget_bytes": ..., "used_bytes": ...}.
+    memory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Latest health check results by check name.
+    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Job(Base):
@@ -72,6 +78,8 @@ class Job(Base):
     started_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
     ended_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
     restarts: Mapped[list[float]] = mapped_column(JSON, default=list)
+    #: The durable-checkpoint interval chosen for this job and its inputs (Young/Daly).
+    checkpointing: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Attempt(Base):
@@ -95,6 +103,8 @@ class Attempt(Base):
     end_cause: Mapped[str] = mapped_column(Text, default="")
     ranks: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The restore plan the attempt started with (wire.RestorePlan), None: durable tier.
+    restore: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Event(Base):

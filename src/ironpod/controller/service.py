@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ironpod import env
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate, now
 from ironpod.controller.db import session_factory as make_sessions
+from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
 from ironpod.errors import EXIT_PREEMPTED
 from ironpod.spec import JobSpec
 from ironpod.states import (
@@ -191,6 +192,16 @@ class Controller:
                 return HeartbeatReply(reregister=True)
             node.last_heartbeat_unix = now()
             node.clock_skew_s = now() - hb.time_unix
+            node.snapshots = [h.model_dump() for h in hb.snapshots]
+            if hb.memory_budget_bytes is not None:
+                node.memory = {
+                    "budget_bytes": hb.memory_budget_bytes,
+                    "used_bytes": hb.memory_used_bytes,
+                }
+            for notice in hb.notices:
+                job = s.get(Job, notice.job_id) if notice.job_id is not None else None
+                data: dict[str, Any] = dict(notice.data)
+                self._event(s, notice.kind, notice.message, node=node, job=job, **data)
             if NodeState(node.state) == NodeState.LOST:
                 self._set_node(s, node, NodeState.READY, "heartbeats resumed")
             for status in hb.workers:
@@ -225,14 +236,46 @@ class Controller:
         for r in sorted(attempt.ranks.values(), key=lambda r: -int(r["rank"])):
             metrics.update(r.get("metrics") or {})
         attempt.metrics = metrics
+        job = s.get(Job, attempt.job_id)
+        if job is not None:
+            self._update_checkpointing(s, job, metrics)
+
+    def _update_checkpointing(self, s: Session, job: Job, metrics: dict[str, Any]) -> None:
+        """The newest durable step the ranks reported, and the durable interval to advise."""
+        info = dict(job.checkpointing or {})
+        if isinstance(metrics.get("ckpt_durable_step"), int | float):
+            info["durable_step"] = max(
+                int(metrics["ckpt_durable_step"]), int(info.get("durable_step", -1))
+            )
+        cost = metrics.get("ckpt_durable_write_s")
+        if isinstance(cost, int | float) and cost > 0:
+            info["cost_s"] = float(cost)
+        spec = JobSpec.model_validate(job.spec)
+        if spec.memory.durable_interval == "auto":
+            runtime = now() - (job.started_unix or now())
+            failures = s.scalar(
+                select(func.count(Attempt.id)).where(
+                    Attempt.job_id == job.id, Attempt.state == AttemptState.FAILED
+                )
+            )
+            choice = young_daly(
+                info.get("cost_s"), runtime, int(failures or 0), spec.memory.mtbf_prior_s
+            )
+            info.update(choice)
+        if info != job.checkpointing:
+            job.checkpointing = info
 
     def _reply(self, s: Session, node: Node) -> HeartbeatReply:
         if node.attempt_id is None:
-            return HeartbeatReply(assignment=None, stop_grace_s=self._grace(s, node))
+            return HeartbeatReply(
+                assignment=None, stop_grace_s=self._grace(s, node), keep_jobs=self._live_jobs(s)
+            )
         attempt = s.get(Attempt, node.attempt_id)
         job = s.get(Job, attempt.job_id) if attempt else None
         if attempt is None or job is None or attempt.state in TERMINAL_ATTEMPT_STATES:
-            return HeartbeatReply(assignment=None, stop_grace_s=self._grace(s, node))
+            return HeartbeatReply(
+                assignment=None, stop_grace_s=self._grace(s, node), keep_jobs=self._live_jobs(s)
+            )
         spec = JobSpec.model_validate(job.spec)
         node_rank = attempt.node_ids.index(node.id)
         per = spec.nproc_per_node
@@ -244,6 +287,13 @@ class Controller:
         }
         if spec.checkpoint_dir:
             job_env[env.CHECKPOINT_DIR] = spec.checkpoint_dir
+        peers = [n for n in (s.get(Node, i) for i in attempt.node_ids) if n is not None]
+        infos = [NodeInfo(n.id, n.agent_url, dict(n.labels)) for n in peers]
+        placement = place_replicas(infos, spec.memory.replicas, spec.memory.failure_domain_label)
+        urls = {n.id: n.agent_url for n in peers}
+        durable_interval = spec.memory.durable_interval
+        if durable_interval == "auto":
+            durable_interval = (job.checkpointing or {}).get("interval_s")
         return HeartbeatReply(
             assignment=Assignment(
                 attempt_id=attempt.id,
@@ -264,9 +314,18 @@ class Controller:
                 hang_factor=policy.hang_factor,
                 startup_timeout_s=policy.startup_timeout_s,
                 progress_regex=policy.progress_regex,
+                replicate_to=[urls[i] for i in placement.get(node.id, [])],
+                peers=[n.agent_url for n in peers if n.id != node.id],
+                restore=attempt.restore,
+                durable_interval_s=durable_interval,
             ),
             stop_grace_s=self.config.stop_grace_s,
+            keep_jobs=self._live_jobs(s),
         )
+
+    def _live_jobs(self, s: Session) -> list[int]:
+        ended = [str(state) for state in TERMINAL_JOB_STATES]
+        return list(s.scalars(select(Job.id).where(Job.state.not_in(ended))))
 
     def _grace(self, s: Session, node: Node) -> float:
         """Workers of a failed attempt are killed fast: their state is in the checkpoints."""
@@ -584,6 +643,38 @@ class Controller:
         cause = "restart in place" if not replaced else f"restart with {', '.join(replaced)}"
         self._start_attempt(s, job, chosen, cause)
 
+    def _plan_restore(self, s: Session, job: Job, nodes: list[Node]) -> dict[str, Any] | None:
+        """Where each rank of the new attempt finds the newest step held in memory, if any."""
+        spec = JobSpec.model_validate(job.spec)
+        alive_since = now() - self.config.node_lost_after_s
+        holdings: dict[int, list[dict[str, Any]]] = {}
+        urls: dict[int, str] = {}
+        for node in s.scalars(select(Node).where(Node.last_heartbeat_unix >= alive_since)):
+            if NodeState(node.state) == NodeState.LOST:
+                continue
+            mine = [h for h in node.snapshots or [] if h.get("job_id") == job.id]
+            if mine:
+                holdings[node.id] = mine
+                urls[node.id] = node.agent_url
+        durable = (job.checkpointing or {}).get("durable_step")
+        plan, why = plan_restore(
+            spec.world_size,
+            spec.nproc_per_node,
+            [n.id for n in nodes],
+            holdings,
+            urls,
+            int(durable) if durable is not None else None,
+        )
+        self._event(
+            s,
+            "restore_planned",
+            why,
+            job=job,
+            tier="memory" if plan else "durable",
+            step=plan.step if plan else (durable if durable is not None else -1),
+        )
+        return plan.model_dump() if plan else None
+
     def _start_attempt(self, s: Session, job: Job, nodes: list[Node], cause: str) -> None:
         number = len(list(s.scalars(select(Attempt.id).where(Attempt.job_id == job.id))))
         attempt = Attempt(
@@ -598,6 +689,8 @@ class Controller:
             ranks={},
             metrics={},
         )
+        if number > 0:
+            attempt.restore = self._plan_restore(s, job, nodes)
         s.add(attempt)
         s.flush()
         for node in nodes:

@@ -1,0 +1,485 @@
+"""The agent's in-memory snapshot store: tier 1 (this node) and tier 2 (copies for peers).
+
+The agent owns a directory in shared memory (``--shm-dir``); each job's workers write their
+snapshots into ``job-<id>/`` there (format: :mod:`ironpod.snapshot`), so a snapshot outlives
+the worker that wrote it. The store:
+
+- grants the workers' reservations within a memory budget (evicting copies held for other
+  jobs first) or refuses them with a notice: a node is never pushed into the OOM killer;
+- replicates each rank's newest committed snapshot to the peers the controller chose, at a
+  capped bandwidth, outside the training processes. Before sending step S it announces S to
+  every peer of the attempt, which then keeps ("pins") its own ranks' copy of step S: so after
+  losing any one node, every rank still has step S somewhere (Gemini, SOSP'23, keeps the
+  same invariant with a group placement; this is the 2-phase form of it for a ring);
+- serves copies to peers and fetches them for a restore plan before the workers start;
+- reports what it holds in every heartbeat; the controller plans restores from that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ironpod import snapshot as snap
+from ironpod.wire import AgentNotice, Assignment, SnapshotHolding
+
+log = logging.getLogger(__name__)
+
+#: Copies of each peer rank kept (the newest may be half-received when a node dies).
+KEEP_PEER_COPIES = 2
+#: Steps announced by each peer whose own-rank copies are kept.
+KEEP_ANNOUNCED = 2
+_CHUNK = 1024 * 1024
+_HTTP_TIMEOUT_S = 30.0
+
+
+def pack(commit: snap.Commit, blobs: dict[str, bytes]) -> list[bytes]:
+    """A snapshot as one HTTP body: the commit record's JSON, a newline, then the files."""
+    return [commit.to_json() + b"\n", *(blobs[name] for name in sorted(commit.files))]
+
+
+def unpack(body: bytes) -> tuple[snap.Commit, dict[str, bytes]]:
+    head, _, rest = body.partition(b"\n")
+    commit = snap.Commit.from_json(head)
+    blobs: dict[str, bytes] = {}
+    offset = 0
+    for name in sorted(commit.files):
+        size, crc = commit.files[name]
+        blob = rest[offset : offset + size]
+        if len(blob) != size or snap.crc32(blob) != crc:
+            raise ValueError(f"{name}: damaged in transit (size {len(blob)}, committed {size})")
+        blobs[name] = blob
+        offset += size
+    if offset != len(rest):
+        raise ValueError(f"{len(rest) - offset} unexpected trailing bytes")
+    return commit, blobs
+
+
+class BudgetError(Exception):
+    """Not enough room within the memory budget."""
+
+
+@dataclass
+class _Replication:
+    job_id: int
+    ranks: list[int]
+    replicate_to: list[str]
+    peers: list[str]
+    every: int = 1
+    sent: dict[int, int] = field(default_factory=dict)  # rank -> newest step sent
+
+
+class SnapshotStore:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        budget_bytes: int,
+        node_token: str,
+        bandwidth_bytes_s: float | None = None,
+    ) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.budget_bytes = budget_bytes
+        self.node_token = node_token
+        #: Workers of this node prove who they are with this (they never see the node token).
+        self.worker_token = secrets.token_urlsafe(24)
+        self.bandwidth_bytes_s = bandwidth_bytes_s
+        self._lock = threading.RLock()
+        self._reserved: dict[tuple[int, int], int] = {}  # (job, rank) -> bytes
+        self._announced: dict[tuple[int, str], list[int]] = {}  # (job, peer) -> steps
+        self._notices: list[AgentNotice] = []
+        self._replication: _Replication | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._replicate_loop, name="agent-replicate")
+        self._thread.daemon = True
+        self.stats: dict[str, float] = {"sent_bytes": 0.0, "sent_s": 0.0, "sent": 0.0}
+        self.self_url = ""  # this agent's URL, sent along so peers know who announced
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def area(self, job_id: int) -> Path:
+        return snap.job_area(self.root, job_id)
+
+    # -- accounting
+
+    def used_bytes(self) -> int:
+        """Reservations (the workers' slots) plus every copy held outside them."""
+        with self._lock:
+            reserved = sum(self._reserved.values())
+        copies = sum(h.nbytes for h in self.holdings() if h.kind == "replica")
+        return reserved + copies
+
+    def _notice(
+        self, kind: str, message: str, job_id: int | None, **data: float | int | str
+    ) -> None:
+        log.warning("%s: %s", kind, message)
+        with self._lock:
+            self._notices.append(
+                AgentNotice(
+                    kind=kind, message=message, job_id=job_id, time_unix=time.time(), data=data
+                )
+            )
+
+    def drain_notices(self) -> list[AgentNotice]:
+        with self._lock:
+            out, self._notices = self._notices, []
+        return out
+
+    def _make_room(self, need: int, job_id: int, why: str) -> None:
+        """Evict copies until ``need`` more bytes fit: other jobs' first, then this job's
+        oldest peer copies; raise :class:`BudgetError` if even that is not enough."""
+        free = self.budget_bytes - self.used_bytes()
+        if need <= free:
+            return
+        copies = [h for h in self.holdings() if h.kind == "replica"]
+        copies.sort(key=lambda h: (h.job_id == job_id, h.step))
+        for victim in copies:
+            if need <= free:
+                break
+            path = snap.replica_dir(self.area(victim.job_id), victim.rank, victim.step)
+            shutil.rmtree(path, ignore_errors=True)
+            free += victim.nbytes
+            self._notice(
+                "snapshot_evicted",
+                f"evicted job {victim.job_id} rank {victim.rank} step {victim.step} "
+                f"({victim.nbytes / 2**20:.1f} MiB) to make room for {why}",
+                victim.job_id,
+                rank=victim.rank,
+                step=victim.step,
+                bytes=victim.nbytes,
+            )
+        if need > free:
+            raise BudgetError(
+                f"{why} needs {need / 2**20:.1f} MiB but only {max(free, 0) / 2**20:.1f} MiB of "
+                f"the {self.budget_bytes / 2**20:.1f} MiB snapshot budget is free"
+            )
+
+    def reserve(self, job_id: int, rank: int, slot_bytes: int, slots: int) -> str | None:
+        """Grant a worker's slots (None) or say why not."""
+        need = slot_bytes * slots
+        with self._lock:
+            previous = self._reserved.pop((job_id, rank), 0)
+            try:
+                self._make_room(need, job_id, f"rank {rank}'s {slots} snapshot slots")
+            except BudgetError as exc:
+                self._reserved[(job_id, rank)] = previous
+                self._notice("snapshot_refused", str(exc), job_id, rank=rank, bytes=need)
+                return str(exc)
+            self._reserved[(job_id, rank)] = need
+        return None
+
+    # -- what is here
+
+    def holdings(self) -> list[SnapshotHolding]:
+        out = []
+        for area in sorted(self.root.glob("job-*")):
+            try:
+                job_id = int(area.name.removeprefix("job-"))
+            except ValueError:
+                continue
+            for ref in snap.list_snapshots(area):
+                out.append(
+                    SnapshotHolding(
+                        job_id=job_id,
+                        rank=ref.rank,
+                        step=ref.step,
+                        kind="slot" if ref.kind == "slot" else "replica",
+                        nbytes=ref.nbytes,
+                    )
+                )
+        return out
+
+    def keep_only(self, jobs: list[int]) -> None:
+        """Delete the snapshots of jobs that are over (the controller lists those still on)."""
+        wanted = {f"job-{j}" for j in jobs}
+        for area in self.root.glob("job-*"):
+            if area.name not in wanted:
+                shutil.rmtree(area, ignore_errors=True)
+                with self._lock:
+                    job = area.name.removeprefix("job-")
+                    for key in [k for k in self._reserved if str(k[0]) == job]:
+                        del self._reserved[key]
+
+    def find(
+        self, job_id: int, rank: int, step: int
+    ) -> tuple[snap.Commit, dict[str, bytes]] | None:
+        """A good copy of (rank, step) here, read into memory, or None."""
+        for ref in snap.list_snapshots(self.area(job_id), rank):
+            if ref.step == step:
+                got = snap.read_consistent(ref.path)
+                if got is not None:
+                    return got
+        return None
+
+    # -- receiving and pinning
+
+    def receive(self, job_id: int, rank: int, step: int, body: bytes) -> None:
+        """Install a peer's copy (raises ValueError if damaged, BudgetError if it cannot fit)."""
+        commit, blobs = unpack(body)
+        if (commit.rank, commit.step) != (rank, step):
+            raise ValueError(f"body holds rank {commit.rank} step {commit.step}")
+        area = self.area(job_id)
+        with self._lock:
+            try:
+                self._make_room(commit.nbytes, job_id, f"a copy of rank {rank} step {step}")
+            except BudgetError as exc:
+                self._notice("snapshot_refused", str(exc), job_id, rank=rank, step=step)
+                raise
+            snap.install(snap.replica_dir(area, rank, step), commit, blobs)
+            snap.prune_replicas(area, rank, KEEP_PEER_COPIES)
+
+    def announce(self, job_id: int, peer: str, step: int) -> None:
+        """A peer is about to replicate ``step``: keep our own ranks' copies of it."""
+        with self._lock:
+            steps = self._announced.setdefault((job_id, peer), [])
+            if step not in steps:
+                steps.append(step)
+                del steps[:-KEEP_ANNOUNCED]
+            ranks = self._replication.ranks if self._replication else []
+            if self._replication is None or self._replication.job_id != job_id:
+                return
+        for rank in ranks:
+            self._pin(job_id, rank, step)
+
+    def _pin(self, job_id: int, rank: int, step: int) -> bool:
+        """Copy our own rank's slot of ``step`` out of the ring, so the worker may reuse it."""
+        area = self.area(job_id)
+        target = snap.replica_dir(area, rank, step)
+        if snap.read_commit(target) is not None:
+            return True
+        for ref in snap.list_snapshots(area, rank):
+            if ref.step == step and ref.kind == "slot":
+                got = snap.read_consistent(ref.path)
+                if got is None:
+                    continue
+                with self._lock:
+                    try:
+                        self._make_room(got[0].nbytes, job_id, f"pinning rank {rank} step {step}")
+                    except BudgetError:
+                        return False
+                    snap.install(target, *got)
+                self._prune_own(job_id, rank)
+                return True
+        return False
+
+    def _prune_own(self, job_id: int, rank: int) -> None:
+        """Keep our own rank's copies of the step we last sent and of the steps peers announced."""
+        with self._lock:
+            wanted = {s for (j, _), steps in self._announced.items() if j == job_id for s in steps}
+            rep = self._replication
+            if rep is not None and rep.job_id == job_id and rank in rep.sent:
+                wanted.add(rep.sent[rank])
+        for ref in snap.list_snapshots(self.area(job_id), rank):
+            if ref.kind == "replica" and ref.step not in wanted:
+                shutil.rmtree(ref.path, ignore_errors=True)
+
+    # -- replication (our ranks' newest snapshots to the chosen peers)
+
+    def set_assignment(self, assignment: Assignment | None, self_url: str) -> None:
+        with self._lock:
+            self.self_url = self_url
+            if assignment is None:
+                self._replication = None
+                return
+            current = self._replication
+            if current is not None and current.job_id == assignment.job_id:
+                current.ranks = list(assignment.ranks)
+                current.replicate_to = [u for u in assignment.replicate_to if u != self_url]
+                current.peers = [u for u in assignment.peers if u != self_url]
+                return
+            self._replication = _Replication(
+                job_id=assignment.job_id,
+                ranks=list(assignment.ranks),
+                replicate_to=[u for u in assignment.replicate_to if u != self_url],
+                peers=[u for u in assignment.peers if u != self_url],
+            )
+
+    def _replicate_loop(self) -> None:
+        while not self._stop.wait(0.02):
+            with self._lock:
+                rep = self._replication
+            if rep is None or not rep.replicate_to:
+                continue
+            try:
+                self._replicate_once(rep)
+            except Exception as exc:  # a peer down mid-send: try again with the next snapshot
+                log.warning("replication of job %d failed: %s", rep.job_id, exc)
+                self._stop.wait(0.5)
+
+    def _replicate_once(self, rep: _Replication) -> None:
+        area = self.area(rep.job_id)
+        newest = {}
+        for rank in rep.ranks:
+            steps = [r.step for r in snap.list_snapshots(area, rank) if r.kind == "slot"]
+            if not steps:
+                return
+            newest[rank] = max(steps)
+        step = min(newest.values())  # a step every rank of ours has
+        if all(rep.sent.get(rank, -1) >= step for rank in rep.ranks):
+            return
+        copies = {rank: self.find(rep.job_id, rank, step) for rank in rep.ranks}
+        if any(c is None for c in copies.values()):
+            return  # the ring moved on while we looked: take the next one
+        for peer in rep.peers:
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                self._post(peer, f"/snapshots/{rep.job_id}/announce/{step}", b"")
+        for rank, got in copies.items():
+            assert got is not None
+            for peer in rep.replicate_to:
+                start = time.monotonic()
+                body = pack(*got)
+                self._put(peer, f"/snapshots/{rep.job_id}/{rank}/{step}", body)
+                with self._lock:
+                    self.stats["sent_bytes"] += sum(len(b) for b in body)
+                    self.stats["sent_s"] += time.monotonic() - start
+                    self.stats["sent"] += 1
+            with self._lock:
+                rep.sent[rank] = step
+            self._pin(rep.job_id, rank, step)
+
+    # -- HTTP to peers (the node token; bodies streamed under the bandwidth cap)
+
+    def _connection(self, url: str) -> http.client.HTTPConnection:
+        parts = urlsplit(url)
+        return http.client.HTTPConnection(
+            parts.hostname or "127.0.0.1", parts.port or 80, timeout=_HTTP_TIMEOUT_S
+        )
+
+    def _post(self, url: str, path: str, body: bytes) -> None:
+        conn = self._connection(url)
+        try:
+            conn.request("POST", path, body=body, headers=self._headers(len(body)))
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+
+    def _headers(self, length: int) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.node_token}",
+            "Content-Length": str(length),
+            "X-Ironpod-From": self.self_url,
+        }
+
+    def _put(self, url: str, path: str, parts: list[bytes]) -> None:
+        total = sum(len(p) for p in parts)
+        conn = self._connection(url)
+        try:
+            conn.putrequest("PUT", path)
+            for key, value in self._headers(total).items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            began, sent = time.monotonic(), 0
+            for part in parts:
+                view = memoryview(part)
+                for start in range(0, len(view), _CHUNK):
+                    chunk = view[start : start + _CHUNK]
+                    conn.send(chunk)
+                    sent += len(chunk)
+                    if self.bandwidth_bytes_s:
+                        ahead = sent / self.bandwidth_bytes_s - (time.monotonic() - began)
+                        if ahead > 0:
+                            time.sleep(ahead)
+            response = conn.getresponse()
+            detail = response.read()
+            if response.status != 200:
+                raise OSError(f"{url} answered {response.status}: {detail[:200]!r}")
+        finally:
+            conn.close()
+
+    def fetch(self, job_id: int, rank: int, step: int, urls: list[str]) -> str:
+        """Make sure a good copy of (rank, step) is here before the worker starts: a note of
+        where it came from for the rank's log."""
+        if self.find(job_id, rank, step) is not None:
+            return f"rank {rank}: step {step} is in this node's memory"
+        problems = []
+        for url in urls:
+            start = time.monotonic()
+            conn = self._connection(url)
+            try:
+                conn.request(
+                    "GET",
+                    f"/snapshots/{job_id}/{rank}/{step}",
+                    headers={"Authorization": f"Bearer {self.node_token}"},
+                )
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    problems.append(f"{url}: {response.status}")
+                    continue
+                self.receive(job_id, rank, step, body)
+            except (OSError, http.client.HTTPException, ValueError, BudgetError) as exc:
+                problems.append(f"{url}: {exc}")
+                continue
+            finally:
+                conn.close()
+            took = time.monotonic() - start
+            return (
+                f"rank {rank}: fetched step {step} from {url} "
+                f"({len(body) / 2**20:.1f} MiB in {took:.3f} s)"
+            )
+        return f"rank {rank}: step {step} not fetched ({'; '.join(problems) or 'no source'})"
+
+
+def handle(  # noqa: PLR0911 (one return per route and outcome reads best here)
+    store: SnapshotStore,
+    method: str,
+    parts: list[str],
+    body: Callable[[], bytes],
+    token_ok: Callable[[str], bool],
+    sender: str = "",
+) -> tuple[int, bytes, str]:
+    """The agent's ``/snapshots/...`` routes: (status, body, content type)."""
+    text = "text/plain; charset=utf-8"
+    if method == "POST" and parts == ["reserve"]:
+        if not token_ok(store.worker_token):
+            return 401, b"missing or wrong worker token\n", text
+        try:
+            req = json.loads(body())
+            reason = store.reserve(
+                int(req["job_id"]), int(req["rank"]), int(req["slot_bytes"]), int(req["slots"])
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            return 400, f"bad reservation: {exc}\n".encode(), text
+        if reason is not None:
+            return 507, json.dumps({"reason": reason}).encode(), "application/json"
+        return 200, b'{"granted": true}', "application/json"
+    if not token_ok(store.node_token):
+        return 401, b"missing or wrong bearer token\n", text
+    numbers = [int(p) for p in parts if p.isdigit()]
+    if method == "POST" and len(parts) == 3 and parts[1] == "announce" and len(numbers) == 2:
+        store.announce(numbers[0], sender or "peer", numbers[1])
+        return 200, b"{}", "application/json"
+    if len(parts) == 3 and len(numbers) == 3:
+        job_id, rank, step = numbers
+        if method == "GET":
+            got = store.find(job_id, rank, step)
+            if got is None:
+                return 404, b"no good copy of that snapshot here\n", text
+            return 200, b"".join(pack(*got)), "application/octet-stream"
+        if method == "PUT":
+            try:
+                store.receive(job_id, rank, step, body())
+            except ValueError as exc:
+                return 400, f"{exc}\n".encode(), text
+            except BudgetError as exc:
+                return 507, f"{exc}\n".encode(), text
+            return 200, b"{}", "application/json"
+    return 404, b"not found\n", text
