@@ -89,6 +89,11 @@ class NodeView(TypedDict):
     last_heartbeat_unix: float
     clock_skew_s: float
     recent_failures: int
+    #: In-memory snapshots held (job_id, rank, step, kind, nbytes), the snapshot memory
+    #: ({"budget_bytes", "used_bytes"}) and the latest health results by check.
+    snapshots: list[dict[str, Any]]
+    memory: dict[str, Any]
+    health: dict[str, Any]
 
 
 class Goodput(TypedDict):
@@ -122,6 +127,8 @@ class AttemptView(TypedDict):
     metrics: dict[str, Any]
     #: str(rank) -> the agent's last WorkerStatus of that rank (pid, state, ...) + "event".
     ranks: dict[str, dict[str, Any]]
+    #: The restore plan the attempt started with ({"step", "sources"}), None: durable tier.
+    restore: dict[str, Any] | None
 
 
 class _JobBase(TypedDict):
@@ -136,6 +143,9 @@ class _JobBase(TypedDict):
     ended_unix: float | None
     restarts: int
     spec: dict[str, Any]
+    #: The durable-checkpoint interval chosen (Young/Daly) and its inputs: interval_s,
+    #: cost_s, mtbf_s, failures, runtime_s, prior_mtbf_s, durable_step.
+    checkpointing: dict[str, Any]
 
 
 class JobView(_JobBase, total=False):

@@ -190,6 +190,9 @@ def describe(
         console.print(render.attempts_table(attempts, node_names))
     if "goodput" in view:
         console.print(render.goodput_table(view["goodput"]))
+    checkpointing = render.checkpointing_table(view, attempts)
+    if checkpointing is not None:
+        console.print(checkpointing)
     recovery = render.recovery_table(found, attempts)
     if recovery is not None:
         console.print(recovery)

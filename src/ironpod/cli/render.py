@@ -223,6 +223,36 @@ def goodput_table(good: Goodput) -> Table:
     return out
 
 
+def checkpointing_table(job: JobView, attempts: list[AttemptView]) -> Table | None:
+    """The durable interval the controller chose and why; where each restart restored from."""
+    info = job.get("checkpointing") or {}
+    rows = []
+    if info.get("interval_s") is not None:
+        rows.append(
+            (
+                "durable interval (Young/Daly)",
+                f"{duration(info['interval_s'])} = sqrt(2 x cost {duration(info['cost_s'])}"
+                f" x MTBF {duration(info['mtbf_s'])}), Daly-corrected; {info['failures']} "
+                f"failures in {duration(info['runtime_s'])}, prior MTBF "
+                f"{duration(info['prior_mtbf_s'])}",
+            )
+        )
+    if info.get("durable_step") is not None:
+        rows.append(("newest durable step", str(info["durable_step"])))
+    for attempt in attempts:
+        plan = attempt.get("restore")
+        if attempt["number"] == 0:
+            continue
+        where = f"memory, step {plan['step']}" if plan else "durable tier"
+        rows.append((f"attempt {attempt['number']} restored from", where))
+    if not rows:
+        return None
+    out = table("CHECKPOINTS", "", title="checkpointing")
+    for name, value in rows:
+        out.add_row(name, value)
+    return out
+
+
 def recovery_table(events: Iterable[EventView], attempts: list[AttemptView]) -> Table | None:
     """Each fault and the recovery that followed: detect, decide, first step, first new step.
 

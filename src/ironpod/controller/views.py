@@ -22,6 +22,9 @@ def node_view(node: Node) -> dict[str, Any]:
         "last_heartbeat_unix": node.last_heartbeat_unix,
         "clock_skew_s": node.clock_skew_s,
         "recent_failures": len(node.failures),
+        "snapshots": node.snapshots or [],
+        "memory": node.memory or {},
+        "health": node.health or {},
     }
 
 
@@ -42,6 +45,7 @@ def attempt_view(attempt: Attempt) -> dict[str, Any]:
         "end_cause": attempt.end_cause,
         "metrics": attempt.metrics,
         "ranks": attempt.ranks,
+        "restore": attempt.restore,
     }
 
 
@@ -58,6 +62,7 @@ def job_view(job: Job, attempts: list[Attempt] | None = None) -> dict[str, Any]:
         "ended_unix": job.ended_unix,
         "restarts": len(job.restarts),
         "spec": job.spec,
+        "checkpointing": job.checkpointing or {},
     }
     if attempts is not None:
         out["attempts"] = [attempt_view(a) for a in sorted(attempts, key=lambda a: a.number)]
