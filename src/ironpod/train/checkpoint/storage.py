@@ -15,11 +15,17 @@ import zlib
 from typing import Protocol
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 
 _CHUNK = 8 << 20
+
+# The file whose presence makes a checkpoint directory count (the checkpointer's manifest). Where
+# "rename" and "remove" are many object operations (S3, GCS), it is copied last and deleted first,
+# so no crash in between shows it beside an incomplete set of files.
+COMMIT_MARKER = "manifest.json"
 
 
 class CheckpointStorage(Protocol):
@@ -173,11 +179,33 @@ class FsspecStorage:
             return _crc_stream(f.read)
 
     def rename_dir(self, src: str, dst: str) -> None:
-        self.fs.mv(self._path(src), self._path(dst), recursive=True)
+        """A real rename on ``file://``; elsewhere a copy of every file, the commit marker last.
+
+        Not ``fs.mv``: on object stores it also copies the directory itself, a key that does not
+        exist, and fails after the files (commit marker included, in any order) were copied.
+        """
+        source, target = self._path(src), self._path(dst)
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs.mv(source, target, recursive=True)
+            return
+        files = sorted(str(f) for f in self.fs.find(source))
+        marker = f"{source}/{COMMIT_MARKER}"
+        rest = [f for f in files if f != marker]
+        if rest:
+            self.fs.copy(rest, [target + f[len(source) :] for f in rest])
+        if marker in files:
+            self.fs.copy(marker, f"{target}/{COMMIT_MARKER}")
+        self.remove_tree(src)
 
     def remove_tree(self, path: str) -> None:
-        if self.fs.exists(self._path(path)):
-            self.fs.rm(self._path(path), recursive=True)
+        target = self._path(path)
+        if not self.fs.exists(target):
+            return
+        if self.fs.isdir(target):
+            marker = f"{target}/{COMMIT_MARKER}"
+            if self.fs.exists(marker):
+                self.fs.rm_file(marker)
+        self.fs.rm(target, recursive=True)
 
     def dcp_writer(self, path: str) -> StorageWriter:
         return FsspecWriter(path, sync_files=True)
