@@ -78,15 +78,25 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    """Where and how often :class:`ironpod.train.Checkpointer` saves; ``dir: null`` disables it."""
+    """Where and how often checkpoints are taken; ``dir: null`` disables them.
+
+    ``every`` (alias ``durable_every``) is the durable tier's step rule. With ``memory_every``
+    above 0 the recipe uses :class:`ironpod.train.TieredCheckpointer`: a snapshot into the
+    node's memory (``IRONPOD_SNAPSHOT_DIR``) every ``memory_every`` steps, durable checkpoints
+    every ``every`` steps and/or every ``durable_interval_s`` seconds (the agent's control file
+    overrides the latter).
+    """
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, populate_by_name=True)
 
     dir: str | None = None  # local path or fsspec URL
-    every: Positive = 50
+    every: Annotated[Positive | None, Field(alias="durable_every")] = 50  # null: no step rule
     keep_last: Positive = 2
     keep_every: Positive | None = None  # also keep every N-th step for good
     async_save: Annotated[bool, Field(alias="async")] = True  # false: wait for each save
+    memory_every: NonNegative = 0  # 0: no memory tier (durable checkpoints only)
+    durable_interval_s: PositiveFloat | None = None  # tiered only
+    slots: Annotated[int, Field(ge=2)] = 3  # memory snapshots kept per rank
 
 
 class RecipeConfig(_Section):

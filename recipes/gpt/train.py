@@ -3,6 +3,8 @@
     python -m recipes.gpt.train --config tiny --set train.steps=50
     torchrun --nproc-per-node 2 -m recipes.gpt.train --set train.parallel=fsdp2
     IRONPOD_CHECKPOINT_DIR=/tmp/ckpt python -m recipes.gpt.train   # saves, and resumes if killed
+    IRONPOD_SNAPSHOT_DIR=/dev/shm/gpt IRONPOD_CHECKPOINT_DIR=/tmp/ckpt \
+        python -m recipes.gpt.train --set checkpoint.memory_every=1   # + a memory snapshot a step
 
 Each step logs one ``[ironpod] progress`` line per rank (loss averaged over all ranks, learning
 rate, tokens/s, and MFU on CUDA) and rank 0 prints a readable summary every ``log_every`` steps.
@@ -239,7 +241,7 @@ class Session:
     loader: data.BatchLoader
     val: list[tuple[torch.Tensor, torch.Tensor]]
     state: it.TrainState
-    ckpt: it.Checkpointer | None
+    ckpt: it.Checkpointer | it.TieredCheckpointer | None
     description: str
 
 
@@ -258,14 +260,27 @@ def setup(cfg: RecipeConfig, ctx: it.TrainContext) -> Session:
     state = it.TrainState(
         model=model, optimizer=optimizer, dataloader=loader, extras={"tokens_seen": 0}
     )
-    ckpt = None
-    if cfg.checkpoint.dir:
-        ckpt = it.Checkpointer(
-            cfg.checkpoint.dir,
+    ckpt: it.Checkpointer | it.TieredCheckpointer | None = None
+    cc = cfg.checkpoint
+    if cc.dir and cc.memory_every > 0:
+        ckpt = it.TieredCheckpointer(
+            cc.dir,
             ctx=ctx,
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-            asynchronous=cfg.checkpoint.async_save,
+            slots=cc.slots,
+            memory_every=cc.memory_every,
+            durable_every=cc.every,
+            durable_interval_s=cc.durable_interval_s,
+            keep_last=cc.keep_last,
+            keep_every=cc.keep_every,
+            asynchronous=cc.async_save,
+        )
+    elif cc.dir:
+        ckpt = it.Checkpointer(
+            cc.dir,
+            ctx=ctx,
+            keep_last=cc.keep_last,
+            keep_every=cc.keep_every,
+            asynchronous=cc.async_save,
         )
     description = (
         f"model {raw.num_params() / 1e6:.2f}M params, tokenizer {tokens.tokenizer.name}, "
@@ -324,7 +339,11 @@ def train(s: Session, start: int) -> int:
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **meter.step(dt)}
         if step % tc.eval_every == 0 or step == tc.steps:
             metrics["val_loss"] = val_loss = evaluate(s.model, s.val, tc, ctx)
-        if s.ckpt is not None and (step % s.cfg.checkpoint.every == 0 or stop > 0):
+        every = s.cfg.checkpoint.every
+        if isinstance(s.ckpt, it.TieredCheckpointer):  # it decides which steps to keep
+            s.ckpt.save(step, s.state, durable=True if stop > 0 else None)
+            metrics.update(s.ckpt.metrics())
+        elif s.ckpt is not None and ((every and step % every == 0) or stop > 0):
             metrics["ckpt_block_s"] = s.ckpt.save(step, s.state)
         it.progress(step, **metrics)
         if ctx.is_main and (step % tc.log_every == 0 or step == tc.steps):

@@ -25,12 +25,21 @@ from typing import TYPE_CHECKING, Any
 from ironpod.train.beacon import parse_progress_line, progress
 
 if TYPE_CHECKING:
-    from ironpod.train.checkpoint import Checkpointer, SaveRecord, Stateful, TrainState
+    from ironpod.train.checkpoint import (
+        Checkpointer,
+        MemorySnapshots,
+        SaveRecord,
+        Stateful,
+        TieredCheckpointer,
+        TrainState,
+    )
     from ironpod.train.context import EXIT_PREEMPTED, TrainContext, init, shutdown
 
 _LAZY = {
     "Checkpointer": "ironpod.train.checkpoint",
+    "MemorySnapshots": "ironpod.train.checkpoint",
     "SaveRecord": "ironpod.train.checkpoint",
+    "TieredCheckpointer": "ironpod.train.checkpoint",
     "Stateful": "ironpod.train.checkpoint",
     "TrainState": "ironpod.train.checkpoint",
     "EXIT_PREEMPTED": "ironpod.train.context",
@@ -49,8 +58,10 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EXIT_PREEMPTED",
     "Checkpointer",
+    "MemorySnapshots",
     "SaveRecord",
     "Stateful",
+    "TieredCheckpointer",
     "TrainContext",
     "TrainState",
     "init",
