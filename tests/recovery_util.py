@@ -66,6 +66,30 @@ def poll(what: Callable[[], T | None], timeout: float, desc: str, every: float =
         time.sleep(every)
 
 
+def prepare_cache(cache: Path) -> Path:
+    """Tokenize the recipe's corpus into ``cache`` once, so no job's ranks race to build it."""
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from recipes.gpt import data\n"
+        "from recipes.gpt.config import load_config\n"
+        "data.prepare(load_config('tiny', sys.argv[1:]).data)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRONPOD_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *RECIPE_OVERRIDES],
+        env={**env, "IRONPOD_CACHE_DIR": str(cache)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return cache
+
+
 def job_spec(name: str, checkpoint_dir: Path, cache_dir: Path, **restart: Any) -> dict[str, Any]:
     """A 2-node DDP job of the GPT recipe; ``restart`` fields override the test policy."""
     command = [sys.executable, "-m", "recipes.gpt.train", "--config", "tiny"]

@@ -107,6 +107,12 @@ class TieredCheckpointer:
         # Every rank must agree on whether a time rule exists (it costs a broadcast per save):
         # the environment is the same on every rank, a node's control file may lag.
         self._timed = durable_interval_s is not None or bool(self.control.path)
+        # The decision has a group of its own: the durable checkpointer's group is busy with
+        # the background write of the previous checkpoint, from another thread, and two
+        # threads' collectives on one group interleave differently on each rank.
+        self._decide_pg = (
+            dist.new_group(backend="gloo") if self._timed and self.durable._distributed else None
+        )
         self._rank = self.durable._rank
         self._last_durable_t = time.monotonic()
         self.history: list[SaveRecord] = []
@@ -131,7 +137,7 @@ class TieredCheckpointer:
         if not self.durable._distributed:
             return due
         flag = torch.tensor([1 if due else 0], dtype=torch.int32)
-        dist.broadcast(flag, src=0, group=self.durable._pg)
+        dist.broadcast(flag, src=0, group=self._decide_pg)
         return bool(flag.item())
 
     def save(self, step: int, state: TrainState, *, durable: bool | None = None) -> float:
