@@ -76,7 +76,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
 import ironpod.train as it
+from ironpod.agent.logs import LogServer
+from ironpod.agent.snapshots import SnapshotStore
 from ironpod.train.checkpoint.manifest import step_dir_name
+from ironpod.train.checkpoint.memory import MemorySnapshots
 from recipes.gpt.config import load_config
 from recipes.gpt.model import Transformer, cross_entropy
 
@@ -109,8 +112,9 @@ DEFAULT_SIZES = "tiny,small,base"
 #: How the checkpoints' samples are summarised (``--stat``); the module docstring says why the
 #: minimum is the default.
 AVERAGES: dict[str, Callable[[list[float]], float]] = {"min": min, "median": median, "mean": fmean}
-ASYNC_METHODS = ("ironpod async", "dcp.async_save")
+ASYNC_METHODS = ("ironpod memory", "ironpod async", "dcp.async_save")
 STYLE = {
+    "ironpod memory": "bright_green",
     "ironpod async": "green",
     "dcp.async_save": "cyan",
     "dcp.save": "yellow",
@@ -202,6 +206,89 @@ class IronpodAsync(Method):
 
     def close(self) -> None:
         self.ckpt.close()
+
+
+def shm_dir(tag: str) -> Path:
+    """A scratch directory in shared memory (where the agent keeps snapshots), else /tmp."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix=f"ironpod-bench-{tag}-", dir=base))
+
+
+class IronpodMemory(Method):
+    """Tier 1: a snapshot into node memory (tmpfs), what ``memory_every=1`` does each step."""
+
+    name = "ironpod memory"
+
+    def __init__(self, root: Path, state: it.TrainState) -> None:
+        super().__init__(root, state)
+        self.area = shm_dir("mem")
+        self.mem = MemorySnapshots(self.area / "job-1", slots=3)
+
+    def _save(self, step: int) -> float | None:
+        return float(self.mem.snapshot(step, self.state))
+
+    def drain(self) -> float:
+        start = time.perf_counter()
+        self.mem.wait()
+        return time.perf_counter() - start
+
+    def write_s(self) -> float | None:
+        last = self.mem.history[-1] if self.mem.history else None
+        return last.write_s if last else None
+
+    def disk_bytes(self) -> int:
+        return int(self.mem.last_nbytes)
+
+    def prune(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.mem.close()
+        shutil.rmtree(self.area, ignore_errors=True)
+
+
+def restore_times(state: it.TrainState, root: Path) -> dict[str, float]:
+    """Seconds to restore one rank's state from node memory, from a peer's memory (fetched
+    over the agents' HTTP, as a replacement node does) and from disk (DCP + manifest checks)."""
+    area = shm_dir("restore")
+    peer_root = shm_dir("peer")
+    store = SnapshotStore(area, budget_bytes=1 << 40, node_token="bench")
+    mine = SnapshotStore(peer_root, budget_bytes=1 << 40, node_token="bench")
+    server = LogServer("127.0.0.1", 0, root / "logs", "bench", {"name": "bench"})
+    server.serve_snapshots(store)
+    server.start()
+    mem = MemorySnapshots(store.area(1), slots=2)
+    durable = it.Checkpointer(str(root / "durable"), keep_last=1, asynchronous=False)
+    try:
+        mem.snapshot(1, state)
+        mem.wait()
+        durable.save(1, state)
+        out: dict[str, float] = {}
+
+        def from_peer() -> None:
+            shutil.rmtree(mine.area(1), ignore_errors=True)
+            note = mine.fetch(1, 0, 1, [server.url])
+            assert "fetched" in note, note
+            assert MemorySnapshots(mine.area(1), slots=2).load(1, state)
+
+        tiers: dict[str, Callable[[], object]] = {
+            "memory": lambda: mem.load(1, state),
+            "peer": from_peer,
+            "disk": lambda: durable.load_latest(state),
+        }
+        for _ in range(3):  # min of 3, each tier in turn: the first calls pay for warm-ups
+            for tier, load in tiers.items():
+                start = time.perf_counter()
+                load()
+                took = time.perf_counter() - start
+                out[tier] = min(out.get(tier, took), took)
+        return out
+    finally:
+        mem.close()
+        durable.close()
+        server.close()
+        shutil.rmtree(area, ignore_errors=True)
+        shutil.rmtree(peer_root, ignore_errors=True)
 
 
 class DcpAsync(Method):
@@ -302,6 +389,7 @@ class SizeResult:
     stat: str
     clean_steps_s: list[float] = field(default_factory=list)
     methods: dict[str, MethodResult] = field(default_factory=dict)
+    restore_s: dict[str, float] = field(default_factory=dict)
 
     def avg(self, values: list[float]) -> float:
         return AVERAGES[self.stat](values)
@@ -373,6 +461,8 @@ def run_size(
                         result.clean_steps_s += after
                 saver.prune()
                 progress.advance(task)
+        progress.update(task, description=f"{name}: restore times")
+        result.restore_s = restore_times(state, root / name / "restore")
     finally:
         for saver in savers:
             saver.close()
@@ -420,6 +510,26 @@ def report(
         console.print(line, highlight=False)
     if skipped:
         console.print(f"dcp.async_save: not measured, it fails here: {skipped}", highlight=False)
+
+    console.print()
+    restore = Table(title="Restore one rank's state: node memory, a peer's memory, disk")
+    for col in ("size", "memory", "peer (fetch + load)", "disk (DCP)", "disk / memory"):
+        restore.add_column(col, justify="left" if col == "size" else "right")
+    for r in results:
+        t = r.restore_s
+        if t:
+            restore.add_row(
+                r.name,
+                fmt_s(t["memory"]),
+                fmt_s(t["peer"]),
+                fmt_s(t["disk"]),
+                f"{t['disk'] / max(t['memory'], 1e-9):.1f}x",
+            )
+            line = f"{r.name}: restore from disk takes {t['disk'] / t['memory']:.1f}x as long as "
+            lines.append(line + f"from node memory, from a peer {t['peer'] / t['memory']:.1f}x")
+    console.print(restore)
+    for line in lines[len(results) :]:
+        console.print(line, highlight=False)
 
     console.print()
     overlap = Table(title=f"Async saves: the write that overlaps training, {stat} per checkpoint")
@@ -530,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         skipped = probe_async_save(root / "probe")
-        classes: list[type[Method]] = [IronpodAsync, DcpSave, TorchSave]
+        classes: list[type[Method]] = [IronpodMemory, IronpodAsync, DcpSave, TorchSave]
         if skipped is None:
             classes.insert(1, DcpAsync)
         results = []
@@ -578,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                     "stall_mean_s": {m: fmean(r.methods[m].stall_s) for m in methods},
                     "stall_median_s": {m: median(r.methods[m].stall_s) for m in methods},
                     "overlap_cost_s": {m: r.overlap_cost(m) for m in ASYNC_METHODS if m in methods},
+                    "restore_s": r.restore_s,
                 }
                 for r in results
             ],

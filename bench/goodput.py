@@ -105,14 +105,21 @@ from recipes.gpt.data import prepare
 from recipes.gpt.model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ironpod", "torchrun", "torchrun-fresh")
+SYSTEMS = ("ironpod", "ironpod-memory", "torchrun", "torchrun-fresh")
 LABEL = {
     "ironpod": "ironpod",
+    "ironpod-memory": "ironpod, memory tier",
     "torchrun": "torchrun",
     "torchrun-fresh": "torchrun, fresh store",
     "reference": "fault-free",
 }
-STYLE = {"ironpod": "green", "torchrun": "red", "torchrun-fresh": "yellow", "reference": "cyan"}
+STYLE = {
+    "ironpod": "green",
+    "ironpod-memory": "bright_green",
+    "torchrun": "red",
+    "torchrun-fresh": "yellow",
+    "reference": "cyan",
+}
 KINDS = ("crash", "hang", "node loss")
 POLL_S = 0.05
 TAIL_S = 0.025
@@ -405,6 +412,16 @@ class Ironpod(System):
             self.client.close()
         local.down(self.home)
         super().close()
+
+
+class IronpodMemory(Ironpod):
+    """ironpod with a snapshot of every step in node memory, copied to the other node."""
+
+    name = "ironpod-memory"
+
+    def __init__(self, root: Path, recipe: list[str], args: argparse.Namespace) -> None:
+        super().__init__(root, recipe, args)
+        self.recipe += ["--set", "checkpoint.memory_every=1"]
 
 
 class Torchrun(System):
@@ -1008,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config("tiny", sets)
     prepare(cfg.data)  # tokenize once, here, so no worker pays for it
     params = Transformer(cfg.model, seed=0).num_params()
-    classes = {c.name: c for c in (Ironpod, Torchrun, TorchrunFresh)}
+    classes = {c.name: c for c in (Ironpod, IronpodMemory, Torchrun, TorchrunFresh)}
     plan: list[tuple[type[System], list[Fault]]] = [(classes[s], faults) for s in args.systems]
     if args.reference:
         plan.append((Reference, []))
