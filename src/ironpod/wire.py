@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ironpod.health.core import CheckResult
+
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,6 +51,9 @@ class NodeRegistration(_Wire):
     labels: dict[str, str] = Field(default_factory=dict)
     agent_version: str
     time_unix: float
+    health: list[CheckResult] | None = Field(
+        None, description="the agent's join-time health run (ironpod.health), if it ran one"
+    )
 
 
 class RegistrationReply(_Wire):
@@ -104,6 +109,9 @@ class Heartbeat(_Wire):
     notices: list[AgentNotice] = Field(default_factory=list)
     memory_budget_bytes: int | None = None
     memory_used_bytes: int | None = None
+    health: list[CheckResult] | None = Field(
+        None, description="results of a health run finished since the last heartbeat"
+    )
 
 
 class RestorePlan(_Wire):
@@ -157,6 +165,9 @@ class HeartbeatReply(_Wire):
     reregister: bool = Field(False, description="the controller does not know this agent")
     keep_jobs: list[int] | None = Field(
         None, description="jobs whose snapshots are still wanted; others may be deleted"
+    )
+    time_unix: float | None = Field(
+        None, description="the controller's clock, for the agent's clock-skew check"
     )
 
 

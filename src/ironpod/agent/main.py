@@ -40,6 +40,7 @@ from ironpod.agent.client import (
     EventSender,
     UnknownNodeError,
 )
+from ironpod.agent.health import HealthConfig, HealthMonitor, parse_level, parse_thresholds
 from ironpod.agent.logs import LogServer
 from ironpod.agent.resources import Capacity, detect_capacity
 from ironpod.agent.snapshots import SnapshotStore
@@ -72,6 +73,7 @@ def run_agent(
     memory_budget: str = DEFAULT_MEMORY_BUDGET,
     replication_mb_s: float | None = None,
     stop_event: threading.Event | None = None,
+    health: HealthConfig | None = None,
 ) -> None:
     """Run this node's agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
@@ -80,7 +82,8 @@ def run_agent(
     ``cpus`` pins every worker to these CPUs (a simulated node of a local cluster).
     ``shm_dir`` holds the in-memory snapshots (default ``/dev/shm/ironpod-<name>``), within
     ``memory_budget`` ("25%" of RAM, or bytes like "8GiB"); copies to peers are sent at no more
-    than ``replication_mb_s`` MB/s.
+    than ``replication_mb_s`` MB/s. ``health`` paces the node's health checks
+    (:mod:`ironpod.agent.health`; default: deep at start, light every 30 s).
     """
     stop = stop_event or threading.Event()
     with _stop_on_signals(stop):
@@ -97,6 +100,7 @@ def run_agent(
             shm_dir=Path(shm_dir or f"/dev/shm/ironpod-{name}"),
             memory_budget_bytes=parse_budget(memory_budget),
             replication_bytes_s=replication_mb_s * 1e6 if replication_mb_s else None,
+            health=health or HealthConfig(),
         )
         try:
             agent.run(stop)
@@ -122,6 +126,7 @@ class Agent:
         shm_dir: Path,
         memory_budget_bytes: int,
         replication_bytes_s: float | None,
+        health: HealthConfig | None = None,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -164,6 +169,15 @@ class Agent:
             parts.callback(self.supervisor.close)  # stops the workers, reports their exits
             self.beacons = BeaconReceiver(socket_path, self.supervisor.on_beacon)
             parts.callback(self.beacons.close)
+            self.health = HealthMonitor(
+                health or HealthConfig(join_level=None),
+                work_dir=workdir,
+                shm_dir=shm_dir,
+                expected_gpus=len(self.capacity.gpus) or None,
+                busy=lambda: any(w.state == "running" for w in self.supervisor.statuses()),
+            )
+            parts.callback(self.health.close)
+            self.health.start()
             for part in (self.events, self.supervisor, self.beacons, self.http, self.snapshots):
                 part.start()
             self._parts = parts.pop_all()
@@ -182,6 +196,8 @@ class Agent:
         backoff = Backoff()
         outage = False
         rejoins = 0  # re-registrations in a row: only the first goes again without a pause
+        while not self.health.first_done.wait(0.1) and not stop.is_set():
+            pass  # register only once checked: a node is never ready before its join-time run
         while not stop.is_set():
             began = time.monotonic()
             try:
@@ -238,8 +254,10 @@ class Agent:
                 notices=self.snapshots.drain_notices(),
                 memory_budget_bytes=self.snapshots.budget_bytes,
                 memory_used_bytes=self.snapshots.used_bytes(),
+                health=self.health.take(),
             ),
         )
+        self.health.set_controller_time(reply.time_unix)
         if reply.reregister:
             log.warning("controller asked node %s to register again", self.node_id)
             self.node_id = None
@@ -306,6 +324,7 @@ class Agent:
                 labels=self.labels,
                 agent_version=ironpod.__version__,
                 time_unix=time.time(),
+                health=self.health.take(),
             )
         )
         self.node_id = reply.node_id
@@ -416,6 +435,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shm-dir", help="in-memory snapshots [default: /dev/shm/ironpod-NAME]")
     parser.add_argument("--memory-budget", default=DEFAULT_MEMORY_BUDGET, metavar="SIZE|N%%")
     parser.add_argument("--replication-mb-s", type=float, metavar="MB/S", help="copy bandwidth")
+    parser.add_argument(
+        "--health-level",
+        default="none",
+        choices=["none", "light", "deep"],
+        help="health suite run at start, before joining (none: no checks at all)",
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds between light health runs",
+    )
+    parser.add_argument(
+        "--health-skip",
+        action="append",
+        default=[],
+        metavar="CHECK",
+        help="never run this check, e.g. compute.matmul (repeatable)",
+    )
+    parser.add_argument(
+        "--health-threshold",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a HealthThresholds field, e.g. min_free_disk_gib=1 (repeatable)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -435,5 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             shm_dir=args.shm_dir,
             memory_budget=args.memory_budget,
             replication_mb_s=args.replication_mb_s,
+            health=HealthConfig(
+                join_level=parse_level(args.health_level),
+                interval_s=args.health_interval,
+                skip=frozenset(args.health_skip),
+                thresholds=parse_thresholds(args.health_threshold),
+            ),
         )
     return 0

@@ -30,6 +30,12 @@ def up(
         float, typer.Option(min=0.1, help="seconds without a heartbeat before a node is lost")
     ] = 6.0,
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the nodes")] = 60.0,
+    health_level: Annotated[
+        str, typer.Option(help="agents' health suite at start: none, light or deep")
+    ] = "none",
+    health_interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between the agents' light health runs")
+    ] = 30.0,
 ) -> None:
     """Start a local cluster in the background: a controller and N agents ($IRONPOD_HOME)."""
     from ironpod.cluster import local
@@ -44,6 +50,8 @@ def up(
             heartbeat_interval,
             node_lost_after,
             timeout_s=timeout,
+            health_level=health_level,
+            health_interval_s=health_interval,
         )
     console.print(
         f"local cluster up: {len(info.agents)} nodes, controller at {info.url} "
@@ -120,9 +128,14 @@ def controller(
     node_lost_after: Annotated[float, typer.Option(min=0.1, help="seconds")] = 6.0,
     heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="seconds")] = 1.0,
     spares: Annotated[int, typer.Option(min=0, help="ready nodes kept back for recovery")] = 0,
+    health_action: Annotated[
+        str,
+        typer.Option(help="on a failed health check: quarantine (and restart its job) or label"),
+    ] = "quarantine",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the controller (API server and reconciler) in the foreground."""
+    from ironpod.controller.health import parse_action
     from ironpod.controller.server import serve
     from ironpod.controller.service import ControllerConfig
 
@@ -132,6 +145,7 @@ def controller(
         heartbeat_interval_s=heartbeat_interval,
         node_lost_after_s=node_lost_after,
         reserve_spares=spares,
+        health_action=parse_action(health_action),
     )
     serve(
         host=host,
@@ -165,9 +179,23 @@ def agent(
     replication_mb_s: Annotated[
         float | None, typer.Option(min=0.001, help="cap on copying snapshots to peers, MB/s")
     ] = None,
+    health_level: Annotated[
+        str, typer.Option(help="health suite at start, before joining: none, light or deep")
+    ] = "none",
+    health_interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between light health runs")
+    ] = 30.0,
+    health_skip: Annotated[
+        list[str] | None, typer.Option(help="never run this check, e.g. compute.matmul")
+    ] = None,
+    health_threshold: Annotated[
+        list[str] | None,
+        typer.Option(help="HealthThresholds field KEY=VALUE, e.g. min_free_disk_gib=1"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run this node's agent in the foreground until SIGTERM or SIGINT."""
+    from ironpod.agent.health import HealthConfig, parse_level, parse_thresholds
     from ironpod.agent.main import parse_cpus, run_agent
 
     node = name or socket.gethostname()
@@ -185,6 +213,12 @@ def agent(
         shm_dir=shm_dir,
         memory_budget=memory_budget,
         replication_mb_s=replication_mb_s,
+        health=HealthConfig(
+            join_level=parse_level(health_level),
+            interval_s=health_interval,
+            skip=frozenset(health_skip or []),
+            thresholds=parse_thresholds(health_threshold or []),
+        ),
     )
 
 

@@ -20,7 +20,7 @@ import typer
 from typer.main import get_command
 
 from ironpod import env
-from ironpod.cli import chaos, cluster, jobs, launch, nodes
+from ironpod.cli import chaos, cluster, health, jobs, launch, nodes
 from ironpod.cli.common import Globals, cli_errors
 from ironpod.errors import errors_to_exit
 
@@ -119,5 +119,5 @@ def demo(
     raise typer.Exit(code)
 
 
-for _module in (cluster, nodes, jobs, chaos, launch):
+for _module in (cluster, nodes, health, jobs, chaos, launch):
     _module.register(app)

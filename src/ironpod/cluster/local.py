@@ -99,6 +99,10 @@ class ClusterInfo:
     shm_root: str
     controller: Proc
     agents: dict[str, AgentProc] = field(default_factory=dict)
+    health_level: str = "none"
+    health_interval_s: float = 30.0
+    #: Extra agent options for the health checks (``--health-threshold K=V``, ...), all agents.
+    health_args: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ClusterInfo:
@@ -234,8 +238,15 @@ def _agent_argv(info: ClusterInfo, agent: AgentProc, join_token: str) -> list[st
         *("--join", info.url, "--token", join_token, "--name", agent.name),
         *("--workdir", agent.workdir, "--address", "127.0.0.1"),
         *("--cpus", ",".join(map(str, agent.cpus))),
-        *("--shm-dir", agent.shm_dir, "--label", "cluster=local"),
+        *("--shm-dir", agent.shm_dir, "--label", f"shm_dir={agent.shm_dir}"),
+        *("--label", "cluster=local"),
         *("--heartbeat-interval", str(info.heartbeat_interval_s)),
+        *("--health-level", info.health_level),
+        *("--health-interval", str(info.health_interval_s)),
+        # Simulated nodes share this machine's CPUs: a throughput benchmark against the node's
+        # own baseline would measure its neighbours' load, not its hardware.
+        *("--health-skip", "compute.matmul"),
+        *info.health_args,
     ]
 
 
@@ -266,8 +277,15 @@ def up(
     node_lost_after_s: float = 6.0,
     *,
     timeout_s: float = START_TIMEOUT_S,
+    health_level: str = "none",
+    health_interval_s: float = 30.0,
+    health_args: list[str] | None = None,
 ) -> ClusterInfo:
-    """Start the cluster and return once every node is in; on any failure stop it all."""
+    """Start the cluster and return once every node is in; on any failure stop it all.
+
+    ``health_level`` (none, light, deep) is each agent's suite before it joins, then a light
+    run every ``health_interval_s``; ``health_args`` go to every agent (``--health-threshold
+    min_free_disk_gib=0.01``, say)."""
     if nodes < 1:
         raise ClusterError(f"--nodes {nodes}: a cluster needs at least one node")
     home = home.expanduser().resolve()
@@ -290,6 +308,9 @@ def up(
         spares=spares,
         shm_root=str(root),
         controller=Proc(pid=0, create_time=0.0),
+        health_level=health_level,
+        health_interval_s=health_interval_s,
+        health_args=list(health_args or []),
     )
     try:
         info.controller = _spawn(_controller_argv(info), home / "logs" / "controller.log", home)

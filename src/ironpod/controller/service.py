@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ironpod import env
+from ironpod.controller import health
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate, now
 from ironpod.controller.db import session_factory as make_sessions
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
@@ -57,6 +58,14 @@ class ControllerConfig:
     failed_stop_grace_s: float = 1.0
     port_min: int = 20000
     port_max: int = 40000
+    #: What a failed health check does (ironpod.controller.health): "quarantine" the node and
+    #: restart its job elsewhere, or only "label" it (record and event).
+    health_action: health.HealthAction = "quarantine"
+    #: A node found unhealthy this many times within the window stays quarantined until undrain.
+    health_repeat_limit: int = 3
+    health_repeat_window_s: float = 3600.0
+    #: A health-quarantined node returns on a passing run no sooner than this after quarantine.
+    health_recheck_after_s: float = 0.0
 
 
 class NotFoundError(LookupError):
@@ -161,6 +170,8 @@ class Controller:
                 s.flush()
                 self._event(s, "node_registered", "new node", node=node, cpus=reg.cpus)
                 self._set_node(s, node, NodeState.READY, "joined")
+                if reg.health is not None:
+                    health.apply_health(self, s, node, reg.health)
             else:
                 restarted = node.agent_instance != reg.agent_instance
                 for key, value in fields.items():
@@ -181,6 +192,8 @@ class Controller:
                     self._event(s, "agent_restarted", f"node {node.name}", node=node)
                 if NodeState(node.state) in {NodeState.LOST, NodeState.JOINING}:
                     self._set_node(s, node, NodeState.READY, "agent registered again")
+                if reg.health is not None:
+                    health.apply_health(self, s, node, reg.health)
             return RegistrationReply(
                 node_id=node.id, heartbeat_interval_s=self.config.heartbeat_interval_s
             )
@@ -204,6 +217,8 @@ class Controller:
                 self._event(s, notice.kind, notice.message, node=node, job=job, **data)
             if NodeState(node.state) == NodeState.LOST:
                 self._set_node(s, node, NodeState.READY, "heartbeats resumed")
+            if hb.health is not None:
+                health.apply_health(self, s, node, hb.health)
             for status in hb.workers:
                 attempt = s.get(Attempt, status.attempt_id)
                 if attempt is None:
@@ -218,7 +233,7 @@ class Controller:
                     job = s.get(Job, attempt.job_id)
                     if job is not None and job.state == JobState.STARTING:
                         self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
-            return self._reply(s, node)
+            return self._reply(s, node).model_copy(update={"time_unix": now()})
 
     def _update_progress(self, s: Session, attempt: Attempt) -> None:
         steps = [r["last_step"] for r in attempt.ranks.values() if r.get("last_step") is not None]
