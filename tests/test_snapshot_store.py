@@ -30,7 +30,7 @@ def write_slot(area: Path, rank: int, slot: int, step: int, size: int = 4096) ->
     for name in snap.FILES:
         blob = os.urandom(size)
         (directory / name).write_bytes(blob)
-        files[name] = (len(blob), snap.crc32(blob))
+        files[name] = (len(blob), snap.digest(blob))
     commit = snap.Commit(job_id=str(JOB), rank=rank, world_size=2, step=step, files=files)
     snap.write_commit(directory, commit)
     return commit
@@ -92,7 +92,7 @@ def held(node: Node, rank: int) -> set[tuple[int, str]]:
 
 
 def test_pack_round_trip_and_damage_is_refused() -> None:
-    files = {"data.bin": (3, snap.crc32(b"abc")), "meta.bin": (2, snap.crc32(b"xy"))}
+    files = {"data.bin": (3, snap.digest(b"abc")), "meta.bin": (2, snap.digest(b"xy"))}
     commit = snap.Commit(job_id="1", rank=0, world_size=1, step=5, files=files)
     body = b"".join(pack(commit, {"data.bin": b"abc", "meta.bin": b"xy"}))
     got, blobs = unpack(body)
@@ -147,7 +147,7 @@ def test_a_damaged_copy_is_never_served(nodes: tuple[Node, Node]) -> None:
 def test_budget_evicts_other_jobs_first_then_refuses(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path, budget_bytes=100_000, node_token=TOKEN)
     old = snap.replica_dir(store.area(3), 0, 1)
-    files = {"data.bin": (40_000, snap.crc32(b"\0" * 40_000))}
+    files = {"data.bin": (40_000, snap.digest(b"\0" * 40_000))}
     snap.install(
         old,
         snap.Commit(job_id="3", rank=0, world_size=1, step=1, files=files),

@@ -9,12 +9,17 @@ passed to workers as ``IRONPOD_SNAPSHOT_DIR``, one per job). Inside, per rank::
         data.bin                       every tensor's bytes, back to back (64-byte aligned)
         meta.bin                       the tree of the state with tensor placeholders, and the
                                        rank's extras (RNG, data position); torch.save format
-        commit.json                    step, rank, world size, each file's size and CRC-32
+        commit.json                    step, rank, world size, each file's size and digest
 
 A snapshot exists only once ``commit.json`` is in place (written to a temporary name and
 renamed). A worker reusing a slot first removes its ``commit.json``, so a crash half-way
 through a snapshot leaves an uncommitted slot and every other slot intact: the ring is
 multi-buffered, a failure never loses the previous snapshot.
+
+The digest is XXH3-64 (xxhash): it catches the damage that happens in memory and in transit
+(a torn copy, a flipped bit, a file from another snapshot) at over 10 GB/s, 5x faster than
+zlib's CRC-32, which matters because a restore verifies the whole state before loading it.
+Like CRC-32 it is no defence against tampering.
 
 This module is torch-free: the agent reads, checks, copies and serves snapshots as bytes.
 """
@@ -23,16 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
 import time
 import uuid
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT = "ironpod-snapshot/1"
+import xxhash
+
+FORMAT = "ironpod-snapshot/2"
 COMMIT = "commit.json"
 DATA = "data.bin"
 META = "meta.bin"
@@ -40,7 +47,6 @@ FILES = (DATA, META)
 _RANK_RE = re.compile(r"^rank-(\d{5,})$")
 _SLOT_RE = re.compile(r"^slot-(\d+)$")
 _REPLICA_RE = re.compile(r"^replica-step-(\d{8,})$")
-_CRC_CHUNK = 16 * 1024 * 1024
 
 
 def job_area(root: Path, job_id: int | str) -> Path:
@@ -60,22 +66,30 @@ def replica_dir(area: Path, rank: int, step: int) -> Path:
     return rank_dir(area, rank) / f"replica-step-{step:08d}"
 
 
-def crc32(data: bytes | memoryview) -> str:
-    """CRC-32 as 8 hex digits, over large buffers in chunks (zlib releases the GIL)."""
-    view = memoryview(data).cast("B")
-    value = 0
-    for start in range(0, len(view), _CRC_CHUNK):
-        value = zlib.crc32(view[start : start + _CRC_CHUNK], value)
-    return f"{value:08x}"
+def digest(data: bytes | memoryview | mmap.mmap) -> str:
+    """XXH3-64 of a buffer, as 16 hex digits."""
+    return xxhash.xxh3_64_hexdigest(memoryview(data).cast("B"))
 
 
-def file_crc32(path: Path) -> tuple[int, str]:
-    size, value = 0, 0
+def map_file(path: Path) -> mmap.mmap | bytes:
+    """A file's bytes, mapped read-only (no copy); an empty file is ``b""``."""
     with path.open("rb") as f:
-        while chunk := f.read(_CRC_CHUNK):
-            size += len(chunk)
-            value = zlib.crc32(chunk, value)
-    return size, f"{value:08x}"
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        # MAP_POPULATE: fault every page in at once, in the kernel, rather than one by one
+        # while the digest and the copy touch them (Linux; elsewhere a plain mapping).
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(f.fileno(), size, flags=flags, prot=mmap.PROT_READ)
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    data = map_file(path)
+    try:
+        return len(data), digest(data)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
 
 
 @dataclass(slots=True)
@@ -86,7 +100,7 @@ class Commit:
     rank: int
     world_size: int
     step: int
-    files: dict[str, tuple[int, str]]  # name -> (size, crc32)
+    files: dict[str, tuple[int, str]]  # name -> (size, digest)
     created_unix: float = field(default_factory=time.time)
     format: str = FORMAT
 
@@ -136,18 +150,36 @@ def uncommit(directory: Path) -> None:
 
 
 def verify(directory: Path, commit: Commit) -> str | None:
-    """None if every file has the committed size and CRC-32, else what is wrong."""
-    for name, (size, crc) in commit.files.items():
+    """None if every file has the committed size and digest, else what is wrong."""
+    for name, (size, want) in commit.files.items():
         try:
-            got_size, got_crc = file_crc32(directory / name)
+            got_size, got = file_digest(directory / name)
         except OSError as exc:
             return f"{directory / name}: {exc.strerror or exc}"
-        if (got_size, got_crc) != (size, crc):
+        if (got_size, got) != (size, want):
             return (
-                f"{directory / name}: size {got_size} crc {got_crc}, committed size {size} "
-                f"crc {crc}"
+                f"{directory / name}: size {got_size} digest {got}, committed size {size} "
+                f"digest {want}"
             )
     return None
+
+
+def map_verified(directory: Path) -> tuple[Commit, dict[str, mmap.mmap | bytes]] | None:
+    """A snapshot's files mapped read-only (no copy) after their sizes and digests checked
+    out, or None. For the rank that wrote it: nothing else rewrites its files meanwhile."""
+    commit = read_commit(directory)
+    if commit is None:
+        return None
+    files: dict[str, mmap.mmap | bytes] = {}
+    try:
+        for name, (size, want) in commit.files.items():
+            data = map_file(directory / name)
+            files[name] = data
+            if len(data) != size or digest(data) != want:
+                return None
+    except OSError:
+        return None
+    return commit, files
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +226,9 @@ def read_consistent(directory: Path) -> tuple[Commit, dict[str, bytes]] | None:
         return None
     blobs: dict[str, bytes] = {}
     try:
-        for name, (size, crc) in commit.files.items():
+        for name, (size, want) in commit.files.items():
             blob = (directory / name).read_bytes()
-            if len(blob) != size or crc32(blob) != crc:
+            if len(blob) != size or digest(blob) != want:
                 return None
             blobs[name] = blob
     except OSError:

@@ -56,7 +56,7 @@ def unpack(body: bytes) -> tuple[snap.Commit, dict[str, bytes]]:
     for name in sorted(commit.files):
         size, crc = commit.files[name]
         blob = rest[offset : offset + size]
-        if len(blob) != size or snap.crc32(blob) != crc:
+        if len(blob) != size or snap.digest(blob) != crc:
             raise ValueError(f"{name}: damaged in transit (size {len(blob)}, committed {size})")
         blobs[name] = blob
         offset += size

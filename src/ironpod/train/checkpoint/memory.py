@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor
@@ -52,7 +53,9 @@ log = logging.getLogger(__name__)
 ALIGN = 64
 #: Marks a tensor's place in ``meta.bin``'s tree; the entry says where its bytes are.
 TENSOR_KEY = "__ironpod_tensor__"
-META_VERSION = 1
+#: 2: the tree is JSON inside meta.bin (the weights-only unpickler is slow on many small
+#: objects: a restore spent more time there than copying the tensors).
+META_VERSION = 2
 #: Seconds to wait for the agent's answer to a reservation.
 RESERVE_TIMEOUT_S = 5.0
 #: Head room left on the area's file system when no agent hands out budgets.
@@ -91,9 +94,24 @@ def tensor_state(state: TrainState) -> dict[str, Any]:
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _in_place(module: torch.nn.Module, model_tree: Any) -> bool:
+    """Whether every tensor of ``model_tree`` is a live parameter or buffer of ``module``
+    (what ``get_model_state_dict`` hands out for plain, DDP and FSDP2 modules): then copying
+    into them has already restored the model and ``set_model_state_dict`` would only copy the
+    same bytes onto themselves again."""
+    live = {_local(t).data_ptr() for t in (*module.parameters(), *module.buffers())}
+    tensors = flatten(model_tree)[1]
+    return bool(tensors) and all(_local(t).data_ptr() in live for t in tensors)
+
+
 def apply_tensor_state(state: TrainState, tree: dict[str, Any]) -> None:
+    """Hand the filled tree to the model and optimizer (the model only if not in place)."""
+    model_done = _in_place(state.model, tree["model"])
     if state.optimizer is None:
-        set_model_state_dict(state.model, tree["model"])
+        if not model_done:
+            set_model_state_dict(state.model, tree["model"])
+    elif model_done:
+        set_optimizer_state_dict(state.model, state.optimizer, tree["optim"])
     else:
         set_state_dict(
             state.model,
@@ -284,13 +302,59 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class GoodCopy:
-    """A snapshot read into memory whose sizes and CRC-32 checked out."""
+    """A snapshot mapped into memory whose sizes and digests checked out."""
 
     step: int
     kind: str  # "slot" or "replica"
     path: Path
     meta: dict[str, Any]
     data: torch.Tensor
+
+
+def _to_json(node: Any) -> Any:
+    """The tree as JSON values; tuples and dicts with non-string keys are tagged."""
+    if isinstance(node, dict):
+        if all(isinstance(k, str) for k in node):
+            return {k: _to_json(v) for k, v in node.items()}
+        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in node.items()]}
+    if isinstance(node, tuple):
+        return {"__tuple__": [_to_json(v) for v in node]}
+    if isinstance(node, list):
+        return [_to_json(v) for v in node]
+    if node is None or isinstance(node, bool | int | float | str):
+        return node
+    raise TypeError(f"{type(node).__name__} is not plain data")
+
+
+def _from_json(node: Any) -> Any:
+    if isinstance(node, dict):
+        if "__tuple__" in node and len(node) == 1:
+            return tuple(_from_json(v) for v in node["__tuple__"])
+        if "__items__" in node and len(node) == 1:
+            return {_from_json(k): _from_json(v) for k, v in node["__items__"]}
+        return {k: _from_json(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_from_json(v) for v in node]
+    return node
+
+
+def encode_meta(skeleton: Any, extra: dict[str, Any]) -> bytes:
+    """meta.bin: the tree as JSON text (falls back to pickled data) plus the rank's extras."""
+    body: dict[str, Any] = {"version": META_VERSION, "extra": extra}
+    try:
+        body["tree_json"] = json.dumps(_to_json(skeleton))
+    except (TypeError, ValueError):
+        body["tree"] = skeleton
+    out = io.BytesIO()
+    torch.save(body, out)
+    return out.getvalue()
+
+
+def decode_meta(data: bytes | memoryview | Any) -> dict[str, Any]:
+    meta: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    if "tree_json" in meta:
+        meta["tree"] = _from_json(json.loads(meta.pop("tree_json")))
+    return meta
 
 
 def _report(message: str) -> None:
@@ -493,9 +557,8 @@ class MemorySnapshots:
 
     def _slot_bytes(self, layout: _Layout, state: TrainState) -> int:
         """Room one slot needs: data.bin plus meta.bin (measured once, with head room)."""
-        buffer = io.BytesIO()
-        torch.save({"tree": layout.skeleton, "extra": capture_extra(state)}, buffer)
-        return layout.nbytes + 2 * len(buffer.getvalue()) + 64 * 1024
+        meta = encode_meta(layout.skeleton, capture_extra(state))
+        return layout.nbytes + 2 * len(meta) + 64 * 1024
 
     def _next_slot(self) -> int:
         """Round robin over the slots, skipping the newest committed one."""
@@ -564,13 +627,11 @@ class MemorySnapshots:
             assert buffer is not None
             if job.pinned is not None:
                 buffer.copy_(job.pinned)
-            meta = io.BytesIO()
-            torch.save({"version": META_VERSION, "tree": job.skeleton, "extra": job.extra}, meta)
-            meta_bytes = meta.getvalue()
+            meta_bytes = encode_meta(job.skeleton, job.extra)
             (job.slot.path / snap.META).write_bytes(meta_bytes)
             files = {
-                snap.DATA: (buffer.numel(), snap.crc32(buffer.numpy().data)),
-                snap.META: (len(meta_bytes), snap.crc32(meta_bytes)),
+                snap.DATA: (buffer.numel(), snap.digest(buffer.numpy().data)),
+                snap.META: (len(meta_bytes), snap.digest(meta_bytes)),
             }
             commit = snap.Commit(
                 job_id=str(self.job_id),
@@ -623,7 +684,7 @@ class MemorySnapshots:
         return sorted({ref.step for ref in self._refs()}, reverse=True)
 
     def find_good(self, step: int) -> GoodCopy | None:
-        """This rank's first copy of ``step`` that reads back intact (size, CRC-32), in memory.
+        """This rank's first copy of ``step`` that reads back intact (size, digest), in memory.
 
         A damaged copy is reported on stderr and the next copy of the same step is tried.
         """
@@ -631,14 +692,14 @@ class MemorySnapshots:
         for ref in self._refs():
             if ref.step != step:
                 continue
-            read = snap.read_consistent(ref.path)
+            read = snap.map_verified(ref.path)
             if read is None:
                 problem = snap.verify(ref.path, ref.commit) or "changed while being read"
                 _report(f"rank {self.rank}: skipping snapshot {ref.path}: {problem}")
                 continue
             _, blobs = read
             try:
-                meta = torch.load(io.BytesIO(blobs[snap.META]), weights_only=True)
+                meta = decode_meta(blobs[snap.META])
             except Exception as exc:
                 _report(f"rank {self.rank}: skipping snapshot {ref.path}: meta.bin: {exc}")
                 continue
