@@ -191,6 +191,23 @@ def test_bad_agent_bodies_get_4xx_not_500(cluster: Cluster) -> None:
     assert cluster.http.get("/api/v1/jobs/nope", headers=cluster.admin).status_code == 404
 
 
+def test_a_newer_agent_with_unknown_fields_is_still_heard(cluster: Cluster) -> None:
+    """Rolling upgrades: an agent one version ahead sends fields this controller does not
+    know; they are ignored, the heartbeat counts (a refusal would cut the node off)."""
+    node = cluster.register("n1")
+    body = {
+        "agent_instance": cluster.instances["n1"],
+        "time_unix": time.time(),
+        "workers": [],
+        "from_the_future": {"x": 1},
+    }
+    reply = cluster.http.post(f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.agent)
+    assert reply.status_code == 200, reply.text
+    body["time_unix"] = "yesterday"  # a known field with a wrong value is still refused
+    reply = cluster.http.post(f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.agent)
+    assert reply.status_code == 422 and "time_unix" in reply.text
+
+
 def test_job_runs_to_success(cluster: Cluster) -> None:
     node = cluster.register("n1")
     job = cluster.submit()

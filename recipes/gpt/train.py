@@ -107,7 +107,9 @@ def parallelize(model: Transformer, cfg: TrainConfig, ctx: it.TrainContext) -> n
             layer.compile()
     if cfg.parallel == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # The RoPE tables are constants every rank computes alike: no broadcast per step. That
+        # also keeps the forward free of collectives, so its time is this rank's own compute.
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if cfg.parallel == "fsdp2":
         policy = MixedPrecisionPolicy(
             param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32
@@ -151,10 +153,12 @@ def train_step(
     batch: tuple[torch.Tensor, torch.Tensor],
     cfg: TrainConfig,
     device: torch.device,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """One optimizer step over this rank's slice, in micro-batches.
 
-    Returns this rank's loss and the global gradient norm (before clipping).
+    Returns this rank's loss, the global gradient norm (before clipping) and this rank's own
+    compute seconds: its forward passes and optimizer step, which wait for no other rank under
+    DDP (straggler detection compares them; the backward waits in the gradient all-reduce).
     """
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
     micro = cfg.micro_batch or len(inputs)
@@ -164,6 +168,7 @@ def train_step(
         )
     chunks = range(0, len(inputs), micro)
     total = torch.zeros((), device=device)
+    compute = 0.0
     for i, start in enumerate(chunks):
         last = i == len(chunks) - 1
         no_sync: AbstractContextManager[object] = nullcontext()
@@ -171,18 +176,22 @@ def train_step(
             no_sync = model.no_sync()
         if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(last)
+        began = time.perf_counter()
         with no_sync, _autocast(cfg, device):
             logits = model(inputs[start : start + micro])
             loss = cross_entropy(logits, targets[start : start + micro]) / len(chunks)
+        compute += time.perf_counter() - began
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         total += loss.detach()
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if isinstance(norm, DTensor):  # FSDP2: the norm of sharded gradients is itself sharded
         norm = norm.full_tensor()
+    began = time.perf_counter()
     optimizer.step()
+    compute += time.perf_counter() - began
     optimizer.zero_grad(set_to_none=True)
-    return float(total.item()), float(norm.item())
+    return float(total.item()), float(norm.item()), compute
 
 
 @torch.no_grad()
@@ -331,12 +340,13 @@ def train(s: Session, start: int) -> int:
         for group in s.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        local, grad_norm = train_step(s.model, s.optimizer, next(s.loader), tc, ctx.device)
+        local, grad_norm, compute = train_step(s.model, s.optimizer, next(s.loader), tc, ctx.device)
         dt = time.perf_counter() - t0
         # One all-reduce agrees on the loss and on whether any rank was told to stop.
         loss, stop = _global_mean([local, float(ctx.should_stop())], ctx)
         s.state.extras["tokens_seen"] += tokens_per_step
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **meter.step(dt)}
+        metrics["compute_s"] = compute
         if step % tc.eval_every == 0 or step == tc.steps:
             metrics["val_loss"] = val_loss = evaluate(s.model, s.val, tc, ctx)
         every = s.cfg.checkpoint.every

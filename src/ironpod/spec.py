@@ -92,6 +92,16 @@ class MemoryTier(_Strict):
         return value
 
 
+class StragglerPolicy(_Strict):
+    """A rank whose own compute time per step (the ``compute_s`` progress metric) stays above
+    ``factor`` x the median of the other ranks' for ``steps`` steps is a straggler: an event,
+    and with ``action: replace`` its node is taken out and the job restarts on a spare."""
+
+    factor: float = Field(1.5, gt=1, description="slower than the others' median by this")
+    steps: int = Field(10, ge=1, description="for this many steps in a row")
+    action: Literal["event", "replace"] = "event"
+
+
 class JobSpec(_Strict):
     """A training job."""
 
@@ -107,6 +117,7 @@ class JobSpec(_Strict):
     workdir: str | None = None
     checkpoint_dir: str | None = None
     memory: MemoryTier = Field(default_factory=MemoryTier)
+    stragglers: StragglerPolicy = Field(default_factory=StragglerPolicy)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
 

@@ -29,7 +29,10 @@ from ironpod.health.core import CheckResult
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are ignored, not refused: during a rolling upgrade agents and controller
+    # run different versions, and a newer agent's extra field must not cut its node off (as
+    # with protobuf). Wrong types and missing fields are still refused, naming the field.
+    model_config = ConfigDict(extra="ignore")
 
 
 class GpuInfo(_Wire):
@@ -78,6 +81,9 @@ class WorkerStatus(_Wire):
     last_progress_unix: float | None = None
     first_progress_unix: float | None = None
     median_step_s: float | None = None
+    median_compute_s: float | None = Field(
+        None, description="median of the rank's own compute seconds per step (stragglers)"
+    )
     metrics: dict[str, float | int | str] = Field(default_factory=dict)
 
 

@@ -19,6 +19,8 @@ from ironpod.wire import Assignment
 
 #: Step durations kept per rank for the median (the hang rule and stragglers).
 RECENT_STEPS = 20
+#: The progress metric with a rank's own compute seconds in a step (no collective waits).
+COMPUTE_METRIC = "compute_s"
 #: Keys of a beacon or progress line that are not metrics.
 _NOT_METRICS = frozenset({"rank", "step", "t", "pid"})
 
@@ -37,6 +39,10 @@ class RankProgress:
     first_progress_unix: float | None = None
     last_progress_unix: float | None = None
     step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    #: The rank's own compute time per step (``compute_s``, if the script reports it): in
+    #: synchronous training every rank's step takes as long as the slowest's, so stragglers
+    #: show only in the time each spends computing rather than waiting in collectives.
+    compute_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     metrics: dict[str, float | int] = field(default_factory=dict)
 
     def record(self, update: ProgressUpdate) -> bool:
@@ -48,6 +54,9 @@ class RankProgress:
                 self.step_seconds.append(t - self.last_progress_unix)
         elif update.step != self.last_step:
             # A step arrives twice (beacon and log line): count its checkpoint stall once.
+            compute = update.metrics.get(COMPUTE_METRIC)
+            if isinstance(compute, int | float) and compute > 0:
+                self.compute_seconds.append(float(compute))
             stall = update.metrics.get("ckpt_block_s")
             if isinstance(stall, int | float):
                 total = float(self.metrics.get("ckpt_block_total_s", 0.0)) + float(stall)
@@ -65,6 +74,9 @@ class RankProgress:
 
     def median_step_s(self) -> float | None:
         return statistics.median(self.step_seconds) if self.step_seconds else None
+
+    def median_compute_s(self) -> float | None:
+        return statistics.median(self.compute_seconds) if self.compute_seconds else None
 
     def overdue(
         self, assignment: Assignment, started_unix: float, now: float

@@ -179,6 +179,7 @@ class Worker:
             last_progress_unix=p.last_progress_unix,
             first_progress_unix=p.first_progress_unix,
             median_step_s=p.median_step_s(),
+            median_compute_s=p.median_compute_s(),
             metrics=dict(p.metrics),
         )
 

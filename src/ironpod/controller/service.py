@@ -23,6 +23,7 @@ from ironpod.controller import health
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate, now
 from ironpod.controller.db import session_factory as make_sessions
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
+from ironpod.controller.stragglers import slow_ranks
 from ironpod.errors import EXIT_PREEMPTED
 from ironpod.spec import JobSpec
 from ironpod.states import (
@@ -227,6 +228,8 @@ class Controller:
                 ranks[str(status.rank)] = {**ranks.get(str(status.rank), {}), **status.model_dump()}
                 attempt.ranks = ranks
                 self._update_progress(s, attempt)
+                if attempt.state == AttemptState.RUNNING:
+                    self._check_stragglers(s, attempt)
                 if status.state == "running" and attempt.state == AttemptState.STARTING:
                     self._set_attempt(s, attempt, AttemptState.RUNNING, "workers running")
                     attempt.running_unix = now()
@@ -234,6 +237,69 @@ class Controller:
                     if job is not None and job.state == JobState.STARTING:
                         self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
             return self._reply(s, node).model_copy(update={"time_unix": now()})
+
+    def _check_stragglers(self, s: Session, attempt: Attempt) -> None:
+        """Mark ranks slower than their peers; report one that stays slow for the policy's
+        steps (once per attempt), and with ``action: replace`` take its node out."""
+        job = s.get(Job, attempt.job_id)
+        if job is None:
+            return
+        policy = JobSpec.model_validate(job.spec).stragglers
+        medians = {
+            int(r): float(v["median_compute_s"])
+            for r, v in attempt.ranks.items()
+            if v.get("median_compute_s")
+        }
+        slow = slow_ranks(medians, policy.factor)
+        ranks = {r: dict(v) for r, v in attempt.ranks.items()}
+        for key, info in ranks.items():
+            rank, step = int(key), info.get("last_step")
+            if rank not in slow:
+                info.pop("slow_since_step", None)
+                continue
+            since = info.setdefault("slow_since_step", step)
+            if info.get("straggler") or step is None or since is None:
+                continue
+            if step - since >= policy.steps:
+                info["straggler"] = True
+                per = JobSpec.model_validate(job.spec).nproc_per_node
+                node = s.get(Node, attempt.node_ids[rank // per])
+                self._straggler(s, job, attempt, node, rank, slow[rank], medians, policy.action)
+        if ranks != attempt.ranks:
+            attempt.ranks = ranks
+
+    def _straggler(
+        self,
+        s: Session,
+        job: Job,
+        attempt: Attempt,
+        node: Node | None,
+        rank: int,
+        ratio: float,
+        medians: dict[int, float],
+        action: str,
+    ) -> None:
+        where = node.name if node else "?"
+        cause = (
+            f"straggler: rank {rank} on {where} computes {ratio:.2f}x slower than the other "
+            f"ranks' median ({medians[rank] * 1000:.1f} ms a step)"
+        )
+        self._event(
+            s,
+            "straggler_detected",
+            cause,
+            job=job,
+            node=node,
+            attempt=attempt,
+            rank=rank,
+            ratio=ratio,
+            medians={str(k): v for k, v in medians.items()},
+            action=action,
+        )
+        if action != "replace" or node is None:
+            return
+        self._set_node(s, node, NodeState.QUARANTINED, f"{health.REASON_PREFIX}{cause}")
+        self._fail_attempt(s, attempt, cause, "straggler", blamed=[], detected=now())
 
     def _update_progress(self, s: Session, attempt: Attempt) -> None:
         steps = [r["last_step"] for r in attempt.ranks.values() if r.get("last_step") is not None]
