@@ -69,7 +69,9 @@ def test_fail_quarantines_and_restarts_the_job_on_the_spare(tmp_path: Path) -> N
     c.controller.reconcile()
     c.controller.reconcile()
     assert c.job(job)["attempts"][-1]["node_ids"] == [b]  # recovery may take the spare
-    # Recheck: a run with no fail brings it back.
+    # The quarantined node is asked for the deep suite; a run with no fail brings it back.
+    assert c.heartbeat(a, "a")["health_recheck"] is True
+    assert c.heartbeat(b, "b")["health_recheck"] is False
     health_beat(c, a, "a", [row(Status.PASS, value=9.0), row(Status.SKIP, check="gpu.ecc")])
     assert c.nodes()["a"]["state"] == "ready"
     assert [e["kind"] for e in node_events(c, "a")].count("node_recovered") == 1
@@ -285,3 +287,39 @@ def test_monitor_learns_a_baseline_when_idle_and_skips_benchmarks_when_busy(
         assert not {r.check for r in second} & {"compute.matmul", "system.disk_write"}
     finally:
         monitor.close()
+
+
+def test_monitor_runs_the_deep_suite_when_the_controller_asks(tmp_path: Path) -> None:
+    from ironpod.agent.health import HealthConfig, HealthMonitor
+    from ironpod.health import Level
+
+    monitor = HealthMonitor(
+        HealthConfig(
+            join_level=Level.LIGHT,
+            interval_s=0.2,
+            skip=frozenset({"compute.matmul", "collective.allreduce", "compute.gpu_memory"}),
+        ),
+        work_dir=tmp_path,
+        shm_dir=None,
+        expected_gpus=None,
+        busy=lambda: False,
+    )
+    levels: list[Level] = []
+    original = monitor.run_once
+
+    def spy(level: Level) -> list[CheckResult]:
+        levels.append(level)
+        return original(level)
+
+    monitor.run_once = spy  # type: ignore[method-assign]
+    try:
+        monitor.start()
+        assert monitor.first_done.wait(30)
+        monitor.request(Level.DEEP)
+        deadline = time.monotonic() + 30
+        while Level.DEEP not in levels and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        monitor.close()
+    assert levels[0] == Level.LIGHT and Level.DEEP in levels
+    assert levels.count(Level.DEEP) == 1  # once per request, then light again

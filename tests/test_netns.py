@@ -82,7 +82,8 @@ def _start_agent(
         i,
         [sys.executable, "-m", "ironpod.agent", "--join", url, "--token", token,
          "--name", f"host{i}", "--workdir", str(root / f"host{i}"),
-         "--address", hosts.address(i), "--heartbeat-interval", "0.5"],
+         "--address", hosts.address(i), "--heartbeat-interval", "0.5",
+         "--health-level", "none"],
         env=env, stdout=_log(root / f"agent{i}.log", append=True), stderr=subprocess.STDOUT,
     )  # fmt: skip
 

@@ -48,6 +48,9 @@ class LaunchConfig:
     node_address: str | None = None
     token: str | None = None
     give_up_waiting_s: float = 120.0
+    #: The agent's health suite before it joins (none, light, deep); then light runs. Off by
+    #: default: inside Slurm or a pod the scheduler's own health program usually vets nodes.
+    health_level: str = "none"
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -165,6 +168,8 @@ def launch(cfg: LaunchConfig) -> int:
             str(cfg.job_dir / "nodes" / name),
             "--address",
             cfg.node_address or _my_address(cfg.master_addr),
+            "--health-level",
+            cfg.health_level,
         ],
         cfg.job_dir / "logs" / f"agent-{name}.log",
         {},

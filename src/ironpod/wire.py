@@ -175,6 +175,9 @@ class HeartbeatReply(_Wire):
     time_unix: float | None = Field(
         None, description="the controller's clock, for the agent's clock-skew check"
     )
+    health_recheck: bool = Field(
+        False, description="run the deep health suite next: the node is out for a failed check"
+    )
 
 
 WorkerEventKind = Literal["exited", "hung", "first_progress"]

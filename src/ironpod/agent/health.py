@@ -110,6 +110,7 @@ class HealthMonitor:
         self._started_unix = time.time()
         self.first_done = threading.Event()
         self._stop = threading.Event()
+        self._wanted: Level | None = None  # a level asked for (the controller's recheck)
         self._thread = threading.Thread(target=self._loop, name="agent-health", daemon=True)
         if config.join_level is None:
             self.first_done.set()
@@ -178,6 +179,12 @@ class HealthMonitor:
                 self.baselines[key] = r.value
                 log.info("health baseline %s = %.4g %s", key, r.value, r.unit)
 
+    def request(self, level: Level) -> None:
+        """Make the next run (at the usual interval) this level: the controller asks for the
+        deep suite to recheck a node it took out for a failed check."""
+        with self._lock:
+            self._wanted = level
+
     def _loop(self) -> None:
         level = self.config.join_level or Level.LIGHT
         while not self._stop.is_set():
@@ -186,8 +193,9 @@ class HealthMonitor:
             except Exception:  # run_checks never raises; this guards the monitor's own code
                 log.exception("health run failed")
             self.first_done.set()
-            level = Level.LIGHT
             self._stop.wait(self.config.interval_s)
+            with self._lock:
+                level, self._wanted = self._wanted or Level.LIGHT, None
 
     def close(self) -> None:
         self._stop.set()

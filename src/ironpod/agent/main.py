@@ -46,6 +46,7 @@ from ironpod.agent.resources import Capacity, detect_capacity
 from ironpod.agent.snapshots import SnapshotStore
 from ironpod.agent.supervisor import STOPPED_BY_AGENT, Supervisor, kill_stale_workers
 from ironpod.errors import ConfigError, errors_to_exit
+from ironpod.health import Level
 from ironpod.wire import Assignment, Heartbeat, NodeRegistration, WorkerEvent
 
 log = logging.getLogger("ironpod.agent")
@@ -258,6 +259,8 @@ class Agent:
             ),
         )
         self.health.set_controller_time(reply.time_unix)
+        if reply.health_recheck:
+            self.health.request(Level.DEEP)
         if reply.reregister:
             log.warning("controller asked node %s to register again", self.node_id)
             self.node_id = None
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replication-mb-s", type=float, metavar="MB/S", help="copy bandwidth")
     parser.add_argument(
         "--health-level",
-        default="none",
+        default="deep",
         choices=["none", "light", "deep"],
         help="health suite run at start, before joining (none: no checks at all)",
     )

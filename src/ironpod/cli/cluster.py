@@ -181,7 +181,7 @@ def agent(
     ] = None,
     health_level: Annotated[
         str, typer.Option(help="health suite at start, before joining: none, light or deep")
-    ] = "none",
+    ] = "deep",
     health_interval: Annotated[
         float, typer.Option(min=0.1, help="seconds between light health runs")
     ] = 30.0,

@@ -57,12 +57,18 @@ def launch(
     address: Annotated[
         str | None, typer.Option(help="this node's address (default: route to master)")
     ] = None,
+    health_level: Annotated[
+        str, typer.Option(help="node health suite before joining: none, light or deep")
+    ] = "none",
 ) -> None:
     """torchrun's flags; node rank 0 runs an embedded controller, every node an agent."""
     from ironpod.launch import EXIT_REQUEUE, LaunchConfig, parse_endpoint
     from ironpod.launch import launch as run_launch
 
     with cli_errors():
+        from ironpod.agent.health import parse_level
+
+        parse_level(health_level)  # a bad level fails here, not in the agent's log
         if rdzv_endpoint:
             master_addr, master_port = parse_endpoint(rdzv_endpoint)
         nodes = nnodes or _env_int("SLURM_NNODES", "NNODES") or 1
@@ -89,6 +95,7 @@ def launch(
             hang_timeout_s=hang_timeout,
             node_address=address,
             token=os.environ.get("IRONPOD_PRESET_TOKEN") or None,
+            health_level=health_level,
         )
         code = run_launch(cfg)
     if code == EXIT_REQUEUE:

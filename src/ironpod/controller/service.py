@@ -236,7 +236,13 @@ class Controller:
                     job = s.get(Job, attempt.job_id)
                     if job is not None and job.state == JobState.STARTING:
                         self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
-            return self._reply(s, node).model_copy(update={"time_unix": now()})
+            # A node out for a failed check is rechecked with the deep suite, not the light one.
+            recheck = NodeState(node.state) == NodeState.QUARANTINED and node.reason.startswith(
+                health.REASON_PREFIX
+            )
+            return self._reply(s, node).model_copy(
+                update={"time_unix": now(), "health_recheck": recheck}
+            )
 
     def _check_stragglers(self, s: Session, attempt: Attempt) -> None:
         """Mark ranks slower than their peers; report one that stays slow for the policy's
