@@ -93,7 +93,10 @@ def demo(
     faults: Annotated[
         str, typer.Option(help="KIND@STEP,... with KIND crash, hang or node; 'none' for none")
     ] = "crash@85,hang@155,node@226",
-    every: Annotated[int, typer.Option(min=1, help="checkpoint every N steps")] = 10,
+    every: Annotated[int, typer.Option(min=1, help="durable checkpoint every N steps")] = 10,
+    memory_every: Annotated[
+        int, typer.Option(min=0, help="in-memory snapshot every N steps (0: durable only)")
+    ] = 1,
     config: Annotated[str, typer.Option(help="recipe preset or YAML file")] = "tiny",
     workdir: Annotated[Path, typer.Option(help="cluster and checkpoints (emptied first)")] = Path(
         "runs/demo"
@@ -106,7 +109,12 @@ def demo(
     """A local cluster pretrains the GPT recipe through a crash, a hang and a lost node."""
     from ironpod.cli.demo import run_demo
 
-    overrides = ["data.tokenizer=bpe", "data.vocab_size=1024", *(set_ or [])]
+    overrides = [
+        "data.tokenizer=bpe",
+        "data.vocab_size=1024",
+        f"checkpoint.memory_every={memory_every}",
+        *(set_ or []),
+    ]
     with errors_to_exit():
         code = run_demo(
             config=config,
