@@ -102,6 +102,19 @@ class StragglerPolicy(_Strict):
     action: Literal["event", "replace"] = "event"
 
 
+class Preflight(_Strict):
+    """An all-reduce across an attempt's nodes before its workers start (off by default):
+    a node that cannot reach the others, or a fabric below ``min_busbw_gbps``, fails the
+    attempt before any training time is spent on it."""
+
+    enabled: bool = False
+    size_mb: float = Field(16.0, gt=0, le=4096, description="all-reduce message size, MiB")
+    min_busbw_gbps: float | None = Field(
+        None, gt=0, description="bus bandwidth floor, GB/s (default: the health threshold)"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="for every node to join the check")
+
+
 class JobSpec(_Strict):
     """A training job."""
 
@@ -118,6 +131,7 @@ class JobSpec(_Strict):
     checkpoint_dir: str | None = None
     memory: MemoryTier = Field(default_factory=MemoryTier)
     stragglers: StragglerPolicy = Field(default_factory=StragglerPolicy)
+    preflight: Preflight = Field(default_factory=Preflight)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
 

@@ -129,6 +129,15 @@ class RestorePlan(_Wire):
     )
 
 
+class PreflightPlan(_Wire):
+    """The pre-flight all-reduce every node of the attempt runs before starting its workers."""
+
+    port: int
+    size_bytes: int
+    min_busbw_gbps: float | None = None
+    timeout_s: float = 60.0
+
+
 class Assignment(_Wire):
     """What one node runs for one attempt: ``len(ranks)`` workers with these global ranks."""
 
@@ -160,6 +169,7 @@ class Assignment(_Wire):
         default_factory=list, description="agent URLs of the attempt's other nodes"
     )
     restore: RestorePlan | None = None
+    preflight: PreflightPlan | None = None
     durable_interval_s: float | None = Field(
         None, description="the controller's durable-checkpoint interval (Young/Daly)"
     )

@@ -19,6 +19,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -44,10 +46,15 @@ from ironpod.agent.health import HealthConfig, HealthMonitor, parse_level, parse
 from ironpod.agent.logs import LogServer
 from ironpod.agent.resources import Capacity, detect_capacity
 from ironpod.agent.snapshots import SnapshotStore
-from ironpod.agent.supervisor import STOPPED_BY_AGENT, Supervisor, kill_stale_workers
+from ironpod.agent.supervisor import (
+    STOPPED_BY_AGENT,
+    AttemptNotStartedError,
+    Supervisor,
+    kill_stale_workers,
+)
 from ironpod.errors import ConfigError, errors_to_exit
-from ironpod.health import Level
-from ironpod.wire import Assignment, Heartbeat, NodeRegistration, WorkerEvent
+from ironpod.health import CheckResult, Level, Status
+from ironpod.wire import AgentNotice, Assignment, Heartbeat, NodeRegistration, WorkerEvent
 
 log = logging.getLogger("ironpod.agent")
 
@@ -137,6 +144,8 @@ class Agent:
         self.node_id: int | None = None
         self.interval_s = heartbeat_interval_s
         self._poke = threading.Event()  # heartbeat now, do not wait for the interval
+        self._notices: list[AgentNotice] = []
+        self._notices_lock = threading.Lock()
         self.capacity: Capacity = detect_capacity(cpus)
         socket_path = beacon_socket_path(workdir)
         # Each part is closed in reverse order by close(), or at once if a later part fails.
@@ -252,7 +261,7 @@ class Agent:
                 time_unix=time.time(),
                 workers=self.supervisor.statuses(),
                 snapshots=self.snapshots.holdings(),
-                notices=self.snapshots.drain_notices(),
+                notices=self._drain_notices(),
                 memory_budget_bytes=self.snapshots.budget_bytes,
                 memory_used_bytes=self.snapshots.used_bytes(),
                 health=self.health.take(),
@@ -311,7 +320,75 @@ class Agent:
                 note = self.snapshots.fetch(a.job_id, rank, a.restore.step, sources)
                 notes[rank] = [f"restore plan: {note}"]
                 log.info("attempt %d restore plan: %s", a.attempt_id, note)
+        if a.preflight is not None:
+            self._preflight(a, notes)
         return extra, notes
+
+    def _preflight(self, a: Assignment, notes: dict[int, list[str]]) -> None:
+        """The attempt's pre-flight all-reduce, this node's part, in a process of its own.
+        Reported as a notice (the controller fails the attempt on ``preflight_failed``);
+        raises :class:`AttemptNotStartedError` so no worker starts on a fabric that failed it."""
+        plan = a.preflight
+        assert plan is not None
+        argv = [
+            sys.executable, "-m", "ironpod.health.preflight",
+            "--rank", str(a.node_rank), "--world", str(a.nnodes),
+            "--master-addr", a.master_addr, "--master-port", str(plan.port),
+            "--backend", "nccl" if self.capacity.gpus else "gloo",
+            "--size-bytes", str(plan.size_bytes), "--timeout", str(plan.timeout_s),
+        ]  # fmt: skip
+        if plan.min_busbw_gbps is not None:
+            argv += ["--min-busbw-gbps", str(plan.min_busbw_gbps)]
+        try:
+            done = subprocess.run(
+                argv,
+                env={**os.environ, **a.env},
+                capture_output=True,
+                text=True,
+                timeout=plan.timeout_s + 60,  # + starting Python and importing torch
+                check=False,
+            )
+            row = CheckResult.model_validate_json(done.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+            row = CheckResult(
+                check="collective.pair_allreduce", status=Status.FAIL, message=f"{exc}"
+            )
+        text = f"preflight all-reduce over {a.nnodes} nodes: {self._describe(row)} ({row.status})"
+        for rank in a.ranks:
+            notes.setdefault(rank, []).append(text)
+        failed = row.status == Status.FAIL
+        self._notice(
+            "preflight_failed" if failed else "preflight_passed",
+            self._describe(row),
+            a.job_id,
+            attempt_id=a.attempt_id,
+            node_rank=a.node_rank,
+            busbw_gbps=row.value if row.value is not None else -1.0,
+        )
+        if failed:
+            self._poke.set()  # tell the controller now, not at the next heartbeat
+            raise AttemptNotStartedError(text)
+
+    @staticmethod
+    def _describe(row: CheckResult) -> str:
+        shown = row.message or str(row.status)
+        if row.value is not None:
+            limit = f", threshold {row.threshold:.3g}" if row.threshold is not None else ""
+            shown = f"{row.value:.3g} {row.unit}{limit}: {shown}"
+        return shown
+
+    def _notice(self, kind: str, message: str, job_id: int | None, **data: float | int) -> None:
+        with self._notices_lock:
+            self._notices.append(
+                AgentNotice(
+                    kind=kind, message=message, job_id=job_id, time_unix=time.time(), data=data
+                )
+            )
+
+    def _drain_notices(self) -> list[AgentNotice]:
+        with self._notices_lock:
+            out, self._notices = self._notices, []
+        return [*self.snapshots.drain_notices(), *out]
 
     def _register(self) -> None:
         reply = self._client.register(

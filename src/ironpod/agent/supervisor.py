@@ -45,6 +45,11 @@ _KILL_WAIT_S = 5.0
 _MAX_STACK_PIDS = 4
 
 
+class AttemptNotStartedError(Exception):
+    """Raised by the prepare hook: this attempt's workers must not start (the reason goes to
+    the ranks' logs; the controller hears of it separately and ends the attempt)."""
+
+
 class Supervisor:
     def __init__(
         self,
@@ -197,7 +202,16 @@ class Supervisor:
             )
         extra: dict[str, str] = {}
         if self._prepare is not None:
-            extra, notes = self._prepare(a)
+            try:
+                extra, notes = self._prepare(a)
+            except AttemptNotStartedError as exc:
+                for worker in workers.values():
+                    worker.log.note(f"not started: {exc}")
+                    worker.log.close()
+                with self._lock:  # converged to this attempt: with no workers, by decision
+                    self._current, self._workers = a, {}
+                log.warning("attempt %d not started: %s", a.attempt_id, exc)
+                return
             for rank, lines in notes.items():
                 if rank in workers:
                     for line in lines:

@@ -42,6 +42,7 @@ from ironpod.wire import (
     Heartbeat,
     HeartbeatReply,
     NodeRegistration,
+    PreflightPlan,
     RegistrationReply,
     WorkerEvent,
 )
@@ -216,6 +217,8 @@ class Controller:
                 job = s.get(Job, notice.job_id) if notice.job_id is not None else None
                 data: dict[str, Any] = dict(notice.data)
                 self._event(s, notice.kind, notice.message, node=node, job=job, **data)
+                if notice.kind == "preflight_failed":
+                    self._preflight_failed(s, node, notice.message, data, notice.time_unix)
             if NodeState(node.state) == NodeState.LOST:
                 self._set_node(s, node, NodeState.READY, "heartbeats resumed")
             if hb.health is not None:
@@ -243,6 +246,17 @@ class Controller:
             return self._reply(s, node).model_copy(
                 update={"time_unix": now(), "health_recheck": recheck}
             )
+
+    def _preflight_failed(
+        self, s: Session, node: Node, message: str, data: dict[str, Any], detected: float
+    ) -> None:
+        """A node's pre-flight all-reduce failed: the attempt ends before training. Which node
+        is at fault an all-reduce cannot say, so none is blamed; the restart policy applies."""
+        attempt = s.get(Attempt, int(data.get("attempt_id", -1)))
+        if attempt is None or attempt.state in TERMINAL_ATTEMPT_STATES:
+            return
+        cause = f"preflight: {node.name}: {message}"
+        self._fail_attempt(s, attempt, cause, "preflight", blamed=[], detected=detected)
 
     def _check_stragglers(self, s: Session, attempt: Attempt) -> None:
         """Mark ranks slower than their peers; report one that stays slow for the policy's
@@ -404,10 +418,23 @@ class Controller:
                 replicate_to=[urls[i] for i in placement.get(node.id, [])],
                 peers=[n.agent_url for n in peers if n.id != node.id],
                 restore=attempt.restore,
+                preflight=self._preflight(spec, attempt),
                 durable_interval_s=durable_interval,
             ),
             stop_grace_s=self.config.stop_grace_s,
             keep_jobs=self._live_jobs(s),
+        )
+
+    @staticmethod
+    def _preflight(spec: JobSpec, attempt: Attempt) -> PreflightPlan | None:
+        """The pre-flight all-reduce, on the port after the job's own (a new one per attempt)."""
+        if not spec.preflight.enabled or spec.nodes < 2:
+            return None
+        return PreflightPlan(
+            port=attempt.master_port + 1,
+            size_bytes=int(spec.preflight.size_mb * 2**20),
+            min_busbw_gbps=spec.preflight.min_busbw_gbps,
+            timeout_s=spec.preflight.timeout_s,
         )
 
     def _live_jobs(self, s: Session) -> list[int]:
