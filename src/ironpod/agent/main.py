@@ -91,7 +91,7 @@ def run_agent(
     ``shm_dir`` holds the in-memory snapshots (default ``/dev/shm/ironpod-<name>``), within
     ``memory_budget`` ("25%" of RAM, or bytes like "8GiB"); copies to peers are sent at no more
     than ``replication_mb_s`` MB/s. ``health`` paces the node's health checks
-    (:mod:`ironpod.agent.health`; default: deep at start, light every 30 s).
+    (:mod:`ironpod.agent.health`; default: none here, the command lines choose deep).
     """
     stop = stop_event or threading.Event()
     with _stop_on_signals(stop):
@@ -108,7 +108,7 @@ def run_agent(
             shm_dir=Path(shm_dir or f"/dev/shm/ironpod-{name}"),
             memory_budget_bytes=parse_budget(memory_budget),
             replication_bytes_s=replication_mb_s * 1e6 if replication_mb_s else None,
-            health=health or HealthConfig(),
+            health=health or HealthConfig(join_level=None),
         )
         try:
             agent.run(stop)
