@@ -36,12 +36,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -63,7 +57,13 @@ from ironpod.train.checkpoint.manifest import (
     step_dir_name,
     verify_files,
 )
-from ironpod.train.checkpoint.state import TrainState, capture_extra, restore_extra
+from ironpod.train.checkpoint.state import (
+    TrainState,
+    capture_extra,
+    restore_extra,
+    set_tensor_state,
+    tensor_state,
+)
 from ironpod.train.checkpoint.storage import CheckpointStorage, open_storage
 from ironpod.train.context import TrainContext
 
@@ -185,15 +185,6 @@ class Checkpointer:
         nonce: str = self._broadcast(uuid.uuid4().hex[:8])
         return nonce
 
-    # -- state dicts
-
-    @staticmethod
-    def _tensor_state(state: TrainState) -> dict[str, Any]:
-        if state.optimizer is None:
-            return {"model": get_model_state_dict(state.model)}
-        model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
     # -- saving
 
     def save(self, step: int, state: TrainState) -> float:
@@ -208,7 +199,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"save(step={step}) after save(step={self._last_step}): steps must increase"
             )
-        staged = self._stager.stage(self._tensor_state(state))
+        staged = self._stager.stage(tensor_state(state))
         extra = capture_extra(state)
         record = SaveRecord(step=step, blocked_s=0.0)
         self._last_step = step
@@ -403,22 +394,14 @@ class Checkpointer:
     def _load_step(self, ckpt_dir: str, manifest: Manifest, state: TrainState) -> None:
         storage = self._storage
         try:
-            target = self._tensor_state(state)
+            target = tensor_state(state)
             dcp_load(
                 target,
                 storage_reader=storage.dcp_reader(ckpt_dir),
                 process_group=self._pg,
                 no_dist=not self._distributed,
             )
-            if state.optimizer is None:
-                set_model_state_dict(state.model, target["model"])
-            else:
-                set_state_dict(
-                    state.model,
-                    state.optimizer,
-                    model_state_dict=target["model"],
-                    optim_state_dict=target["optim"],
-                )
+            set_tensor_state(state, target)
             own = extra_file_name(self._rank)
             name = own if own in manifest.files else extra_file_name(0)
             blob = storage.read_bytes(storage.join(ckpt_dir, name))

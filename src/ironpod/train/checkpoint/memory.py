@@ -32,20 +32,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from ironpod import env
 from ironpod import snapshot as snap
 from ironpod.errors import CheckpointError, ConfigError
 from ironpod.train.checkpoint.checkpointer import SaveRecord
-from ironpod.train.checkpoint.state import TrainState, capture_extra, restore_extra
+from ironpod.train.checkpoint.state import (
+    TrainState,
+    capture_extra,
+    restore_extra,
+    set_tensor_state,
+    tensor_state,
+)
 from ironpod.train.context import TrainContext
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,6 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def tensor_state(state: TrainState) -> dict[str, Any]:
-    """Model and optimizer state through DCP's state-dict API, as the durable tier takes it."""
-    if state.optimizer is None:
-        return {"model": get_model_state_dict(state.model)}
-    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
-    return {"model": model_sd, "optim": optim_sd}
-
-
 def _in_place(module: torch.nn.Module, model_tree: Any) -> bool:
     """Whether every tensor of ``model_tree`` is a live parameter or buffer of ``module``
     (what ``get_model_state_dict`` hands out for plain, DDP and FSDP2 modules): then copying
@@ -107,18 +99,10 @@ def _in_place(module: torch.nn.Module, model_tree: Any) -> bool:
 def apply_tensor_state(state: TrainState, tree: dict[str, Any]) -> None:
     """Hand the filled tree to the model and optimizer (the model only if not in place)."""
     model_done = _in_place(state.model, tree["model"])
-    if state.optimizer is None:
-        if not model_done:
-            set_model_state_dict(state.model, tree["model"])
-    elif model_done:
+    if not model_done:
+        set_tensor_state(state, tree)
+    elif state.optimizer is not None:
         set_optimizer_state_dict(state.model, state.optimizer, tree["optim"])
-    else:
-        set_state_dict(
-            state.model,
-            state.optimizer,
-            model_state_dict=tree["model"],
-            optim_state_dict=tree["optim"],
-        )
 
 
 # -- the tree of a state dict, flattened

@@ -9,6 +9,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 
 @runtime_checkable
@@ -34,6 +40,28 @@ class TrainState:
     optimizer: torch.optim.Optimizer | None = None
     dataloader: Stateful | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+def tensor_state(state: TrainState) -> dict[str, Any]:
+    """Model and optimizer state through DCP's state-dict API: ``{"model": ..., "optim": ...}``
+    (tensors of plain, DDP and FSDP2 modules alike; DTensors for the sharded ones)."""
+    if state.optimizer is None:
+        return {"model": get_model_state_dict(state.model)}
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def set_tensor_state(state: TrainState, tree: dict[str, Any]) -> None:
+    """The inverse of :func:`tensor_state`: load the tree into the model and optimizer."""
+    if state.optimizer is None:
+        set_model_state_dict(state.model, tree["model"])
+    else:
+        set_state_dict(
+            state.model,
+            state.optimizer,
+            model_state_dict=tree["model"],
+            optim_state_dict=tree["optim"],
+        )
 
 
 def capture_rng() -> dict[str, Any]:
