@@ -26,6 +26,10 @@ SETS=(--set "train.steps=$STEPS" --set checkpoint.memory_every=1 --set checkpoin
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
+echo "== 0. data (tokenizer trained and corpus cached once, outside the timed runs)"
+python3 -c "import sys; from recipes.gpt import data; from recipes.gpt.config import load_config; \
+data.prepare(load_config(sys.argv[1], sys.argv[2:]).data)" "$CONFIG" data.max_bytes=20000000
+
 echo "== 1. fault-free run ($CONFIG, $STEPS steps, snapshot every step)"
 python3 -m recipes.gpt.train --config "$CONFIG" "${SETS[@]}" \
   --set "checkpoint.dir=$W/ckpt-a" --final-weights "$W/final-a.pt" > "$W/a.log" 2>&1

@@ -51,6 +51,8 @@ from ironpod.train.context import TrainContext
 log = logging.getLogger(__name__)
 
 ALIGN = 64
+#: Bytes moved to a GPU in one host-to-device copy when restoring (see ``_copy_in``).
+STAGE_BYTES = 256 * 2**20
 #: Marks a tensor's place in ``meta.bin``'s tree; the entry says where its bytes are.
 TENSOR_KEY = "__ironpod_tensor__"
 #: 2: the tree is JSON inside meta.bin (the weights-only unpickler is slow on many small
@@ -169,10 +171,9 @@ def unflatten_into(skeleton: Any, target: Any, data: torch.Tensor) -> Any:
     Returns the tree to hand to ``set_state_dict``: the target's tensors where the snapshot had
     tensors, the snapshot's values (learning rates, step counts) everywhere else.
     """
-    filled = 0
+    copies: list[tuple[torch.Tensor, int, int]] = []  # (destination, offset, bytes)
 
     def walk(node: Any, into: Any, path: str) -> Any:
-        nonlocal filled
         if _is_placeholder(node):
             if not isinstance(into, torch.Tensor) or isinstance(into, DTensor) != node["dtensor"]:
                 raise CheckpointError(f"snapshot tensor {path} has no matching tensor in the state")
@@ -186,8 +187,7 @@ def unflatten_into(skeleton: Any, target: Any, data: torch.Tensor) -> Any:
             start, nbytes = int(node["offset"]), int(node["nbytes"])
             if start + nbytes > data.numel():
                 raise CheckpointError(f"snapshot tensor {path} lies beyond data.bin")
-            local.copy_(data[start : start + nbytes].view(dtype).reshape(shape))
-            filled += 1
+            copies.append((local, start, nbytes))
             return into
         if isinstance(node, dict):
             mapping = into if isinstance(into, dict) else {}
@@ -203,9 +203,45 @@ def unflatten_into(skeleton: Any, target: Any, data: torch.Tensor) -> Any:
 
     result = walk(skeleton, target, "state")
     wanted = len(flatten(target)[1])
-    if filled != wanted:
-        raise CheckpointError(f"snapshot holds {filled} tensors, the state has {wanted}")
+    if len(copies) != wanted:
+        raise CheckpointError(f"snapshot holds {len(copies)} tensors, the state has {wanted}")
+    _copy_in(copies, data)
     return result
+
+
+def _copy_in(copies: list[tuple[torch.Tensor, int, int]], data: torch.Tensor) -> None:
+    """Copy each destination's bytes out of ``data`` (host memory, often a mapped file).
+
+    Host destinations take a plain copy. GPU destinations are filled a staging chunk at a time:
+    one large host-to-device copy of up to :data:`STAGE_BYTES` of ``data``, then device-side
+    copies into the tensors inside it, instead of one small synchronous transfer per tensor.
+    """
+    on_gpu: list[tuple[torch.Tensor, int, int]] = []
+    for dst, start, nbytes in copies:
+        if dst.is_cuda:
+            on_gpu.append((dst, start, nbytes))
+        else:
+            dst.copy_(_view(data, start, nbytes, dst))
+    on_gpu.sort(key=lambda c: c[1])
+    i = 0
+    while i < len(on_gpu):
+        device, first = on_gpu[i][0].device, on_gpu[i][1]
+        j, end = i, first
+        while (
+            j < len(on_gpu)
+            and on_gpu[j][0].device == device
+            and (j == i or on_gpu[j][1] + on_gpu[j][2] - first <= STAGE_BYTES)
+        ):
+            end = max(end, on_gpu[j][1] + on_gpu[j][2])
+            j += 1
+        stage = data[first:end].to(device)
+        for dst, start, nbytes in on_gpu[i:j]:
+            dst.copy_(_view(stage, start - first, nbytes, dst))
+        i = j
+
+
+def _view(buffer: torch.Tensor, start: int, nbytes: int, like: torch.Tensor) -> torch.Tensor:
+    return buffer[start : start + nbytes].view(like.dtype).reshape(like.shape)
 
 
 # -- the tensor layout, cached between snapshots
