@@ -318,6 +318,7 @@ class _Pending:
     extra: dict[str, Any]
     pinned: torch.Tensor | None
     record: SaveRecord
+    copied: Any = None  # torch.cuda.Event: the copy into ``pinned`` is done
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +378,23 @@ def decode_meta(data: bytes | memoryview | Any) -> dict[str, Any]:
     return meta
 
 
+def _has_buffers(state: TrainState, layout: _Layout) -> bool:
+    """Whether the snapshot holds module buffers (which a forward pass may change)."""
+    buffers = {_local(b).data_ptr() for b in state.model.buffers()}
+    return any(t.data_ptr() in buffers for t in layout.tensors)
+
+
+def _wait_before_next_step(optimizer: torch.optim.Optimizer, copied: Any) -> None:
+    """Make the optimizer's next ``step`` wait (on the GPU) until the snapshot copy is done."""
+    handle: Any = None
+
+    def wait(*_: Any) -> None:
+        torch.cuda.current_stream().wait_event(copied)
+        handle.remove()
+
+    handle = optimizer.register_step_pre_hook(wait)
+
+
 def _report(message: str) -> None:
     print(f"[ironpod] checkpoint: {message}", file=sys.stderr, flush=True)
     log.info(message)
@@ -387,6 +405,13 @@ class MemorySnapshots:
 
     Not collective: each rank writes and reads only its own ``rank-NNNNN`` directory. Agreeing
     on a step to restore is :class:`~ironpod.train.checkpoint.tiered.TieredCheckpointer`'s job.
+
+    On CUDA with ``overlap=True`` the copy to host memory runs on a stream of its own while the
+    next forward and backward passes run: ``snapshot`` returns at once, and the optimizer's next
+    ``step`` waits for the copy on the GPU (a stream wait, the host never blocks). That needs
+    the snapshotted tensors to change only through that optimizer until then (the usual loop);
+    a model with persistent buffers (batch-norm statistics change in forward) or no optimizer
+    gets the blocking copy, as does ``overlap=False``.
     """
 
     def __init__(
@@ -395,12 +420,15 @@ class MemorySnapshots:
         *,
         ctx: TrainContext | None = None,
         slots: int = 3,
+        overlap: bool = True,
     ) -> None:
         if slots < 2:
             raise ConfigError(f"memory snapshots need at least 2 slots, got {slots}")
         raw_area = area or os.environ.get(env.SNAPSHOT_DIR)
         self.area = Path(raw_area) if raw_area else None
         self.slots = slots
+        self.overlap = overlap
+        self._copy_stream: Any = None  # torch.cuda.Stream, made on first use
         self.job_id = ctx.job_id if ctx else os.environ.get(env.JOB_ID, "local")
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = ctx.rank if ctx else (dist.get_rank() if distributed else 0)
@@ -529,14 +557,14 @@ class MemorySnapshots:
                 return time.perf_counter() - start
             slot = self._slots[self._next_slot()]
             snap.uncommit(slot.path)
-            pinned = self._copy_out(slot, layout)
+            pinned, copied = self._copy_out(slot, layout, state)
         except OSError as exc:
             self._disable(f"cannot write the snapshot area {self.area}: {exc.strerror or exc}")
             return time.perf_counter() - start
         extra = capture_extra(state)
         self._last_step = step
         self.history.append(record)
-        pending = _Pending(step, slot, layout.skeleton, extra, pinned, record)
+        pending = _Pending(step, slot, layout.skeleton, extra, pinned, record, copied)
         self._inflight = self._executor.submit(self._finish, pending)
         record.blocked_s = time.perf_counter() - start
         return record.blocked_s
@@ -620,8 +648,14 @@ class MemorySnapshots:
             buffer[s.offset : s.offset + s.nbytes].view(s.dtype).reshape(s.shape) for s in specs
         ]
 
-    def _copy_out(self, slot: _Slot, layout: _Layout) -> torch.Tensor | None:
-        """Copy the tensors into the slot (CPU) or the pinned buffer (CUDA); None or the latter."""
+    def _copy_out(
+        self, slot: _Slot, layout: _Layout, state: TrainState
+    ) -> tuple[torch.Tensor | None, Any]:
+        """Copy the tensors into the slot (CPU) or the pinned buffer (CUDA).
+
+        Returns the pinned buffer (None on CPU) and, when the CUDA copy still runs on its own
+        stream, the event that marks its end (None when it is already done).
+        """
         on_cuda = any(t.is_cuda for t in layout.tensors)
         buffer = self._map(slot, layout.nbytes)
         if not on_cuda:
@@ -630,13 +664,26 @@ class MemorySnapshots:
                 slot.views_for = layout.signature
             for dst, src in zip(slot.views, layout.tensors, strict=True):
                 dst.copy_(src)
-            return None
+            return None, None
         if self._pinned is None or self._pinned.numel() != layout.nbytes:
             self._pinned = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=True)
-        for dst, src in zip(self._views(self._pinned, layout.specs), layout.tensors, strict=True):
-            dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        return self._pinned
+        views = self._views(self._pinned, layout.specs)
+        if not (self.overlap and state.optimizer is not None and not _has_buffers(state, layout)):
+            for dst, src in zip(views, layout.tensors, strict=True):
+                dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            return self._pinned, None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream())  # the step's last writes come first
+        with torch.cuda.stream(stream):
+            for dst, src in zip(views, layout.tensors, strict=True):
+                dst.copy_(src, non_blocking=True)
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record(stream)
+        _wait_before_next_step(state.optimizer, copied)
+        return self._pinned, copied
 
     def _finish(self, job: _Pending) -> None:
         """Background half: meta.bin, checksums, commit. Never raises; errors are recorded."""
@@ -645,6 +692,8 @@ class MemorySnapshots:
         try:
             buffer = job.slot.buffer
             assert buffer is not None
+            if job.copied is not None:
+                job.copied.synchronize()  # the copy off the GPU, on its own stream
             if job.pinned is not None:
                 buffer.copy_(job.pinned)
             meta_bytes = encode_meta(job.skeleton, job.extra)

@@ -83,6 +83,7 @@ class TieredCheckpointer:
         keep_last: int = 3,
         keep_every: int | None = None,
         asynchronous: bool = True,
+        overlap_copy: bool = True,
     ) -> None:
         if memory_every < 0:
             raise ConfigError(f"checkpoint memory_every must be 0 or more, got {memory_every}")
@@ -102,7 +103,11 @@ class TieredCheckpointer:
             keep_every=keep_every,
             asynchronous=asynchronous,
         )
-        self.memory = MemorySnapshots(area, ctx=ctx, slots=slots) if memory_every > 0 else None
+        self.memory = (
+            MemorySnapshots(area, ctx=ctx, slots=slots, overlap=overlap_copy)
+            if memory_every > 0
+            else None
+        )
         self.control = ControlFile(os.environ.get(env.CONTROL_FILE))
         # Every rank must agree on whether a time rule exists (it costs a broadcast per save):
         # the environment is the same on every rank, a node's control file may lag.
