@@ -183,6 +183,11 @@ def launch(cfg: LaunchConfig) -> int:
         _stop(controller)
 
 
+#: Node rank 0 keeps its controller up this long after the job ended: the other nodes poll it
+#: every second and must see the outcome before it goes, or they wait for it to come back.
+LINGER_S = 3.0
+
+
 def _job(api: _Api, name: str) -> dict[str, Any] | None:
     jobs = [j for j in api.get("/api/v1/jobs") if j["name"] == name]
     return jobs[-1] if jobs else None
@@ -227,6 +232,8 @@ def _wait(cfg: LaunchConfig, api: _Api, *, lead: bool) -> int:
         if job is not None:
             if job["state"] in TERMINAL:
                 print(f"ironpod launch: job {job['state']}: {job['reason']}", file=sys.stderr)
+                if lead:  # the controller goes with us: let every follower read the outcome
+                    time.sleep(LINGER_S)
                 return TERMINAL[job["state"]]
             waiting = job["state"] == "recovering" and job["reason"].startswith("waiting")
             waiting_since = (waiting_since or time.monotonic()) if waiting else None
