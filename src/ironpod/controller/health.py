@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ironpod.controller.db import Attempt, Event, Node, now
+from ironpod.controller.db import Event, Node, now
 from ironpod.errors import ConfigError
 from ironpod.health import CheckResult, Status, worst
-from ironpod.states import TERMINAL_ATTEMPT_STATES, NodeState
+from ironpod.states import NodeState
 
 if TYPE_CHECKING:
     from ironpod.controller.service import Controller
@@ -91,17 +91,7 @@ def apply_health(ctl: Controller, s: Session, node: Node, results: list[CheckRes
     if not acted:
         return
     ctl._set_node(s, node, NodeState.QUARANTINED, reason)
-    attempt = s.get(Attempt, node.attempt_id) if node.attempt_id is not None else None
-    if attempt is not None and attempt.state not in TERMINAL_ATTEMPT_STATES:
-        ctl._fail_attempt(
-            s,
-            attempt,
-            f"node {node.name} {reason}",
-            "unhealthy",
-            blamed=[node],
-            detected=now(),
-        )
-    node.attempt_id = None
+    ctl._fail_node_attempt(s, node, f"node {node.name} {reason}", "unhealthy")
 
 
 def _maybe_recover(ctl: Controller, s: Session, node: Node) -> None:

@@ -179,18 +179,10 @@ class Controller:
                 for key, value in fields.items():
                     setattr(node, key, value)
                 node.agent_instance = reg.agent_instance
-                if restarted and node.attempt_id is not None:
-                    attempt = s.get(Attempt, node.attempt_id)
-                    if attempt is not None and attempt.state not in TERMINAL_ATTEMPT_STATES:
-                        self._fail_attempt(
-                            s,
-                            attempt,
-                            f"agent restarted on node {node.name}",
-                            "agent_restart",
-                            blamed=[node],
-                            detected=now(),
-                        )
                 if restarted:
+                    self._fail_node_attempt(
+                        s, node, f"agent restarted on node {node.name}", "agent_restart"
+                    )
                     self._event(s, "agent_restarted", f"node {node.name}", node=node)
                 if NodeState(node.state) in {NodeState.LOST, NodeState.JOINING}:
                     self._set_node(s, node, NodeState.READY, "agent registered again")
@@ -223,22 +215,25 @@ class Controller:
                 self._set_node(s, node, NodeState.READY, "heartbeats resumed")
             if hb.health is not None:
                 health.apply_health(self, s, node, hb.health)
+            touched: dict[int, Attempt] = {}
             for status in hb.workers:
                 attempt = s.get(Attempt, status.attempt_id)
                 if attempt is None:
                     continue
+                touched[attempt.id] = attempt
                 ranks = dict(attempt.ranks)
                 ranks[str(status.rank)] = {**ranks.get(str(status.rank), {}), **status.model_dump()}
                 attempt.ranks = ranks
-                self._update_progress(s, attempt)
-                if attempt.state == AttemptState.RUNNING:
-                    self._check_stragglers(s, attempt)
                 if status.state == "running" and attempt.state == AttemptState.STARTING:
                     self._set_attempt(s, attempt, AttemptState.RUNNING, "workers running")
                     attempt.running_unix = now()
                     job = s.get(Job, attempt.job_id)
                     if job is not None and job.state == JobState.STARTING:
                         self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
+            for attempt in touched.values():  # once per attempt, however many ranks reported
+                self._update_progress(s, attempt)
+                if attempt.state == AttemptState.RUNNING:
+                    self._check_stragglers(s, attempt)
             # A node out for a failed check is rechecked with the deep suite, not the light one.
             recheck = NodeState(node.state) == NodeState.QUARANTINED and node.reason.startswith(
                 health.REASON_PREFIX
@@ -264,7 +259,8 @@ class Controller:
         job = s.get(Job, attempt.job_id)
         if job is None:
             return
-        policy = JobSpec.model_validate(job.spec).stragglers
+        spec = JobSpec.model_validate(job.spec)
+        policy = spec.stragglers
         medians = {
             int(r): float(v["median_compute_s"])
             for r, v in attempt.ranks.items()
@@ -282,8 +278,7 @@ class Controller:
                 continue
             if step - since >= policy.steps:
                 info["straggler"] = True
-                per = JobSpec.model_validate(job.spec).nproc_per_node
-                node = s.get(Node, attempt.node_ids[rank // per])
+                node = s.get(Node, attempt.node_ids[rank // spec.nproc_per_node])
                 self._straggler(s, job, attempt, node, rank, slow[rank], medians, policy.action)
         if ranks != attempt.ranks:
             attempt.ranks = ranks
@@ -683,18 +678,16 @@ class Controller:
                 continue
             silent = now() - node.last_heartbeat_unix
             self._set_node(s, node, NodeState.LOST, f"no heartbeat for {silent:.1f} s")
-            if node.attempt_id is not None:
-                attempt = s.get(Attempt, node.attempt_id)
-                if attempt is not None and attempt.state not in TERMINAL_ATTEMPT_STATES:
-                    self._fail_attempt(
-                        s,
-                        attempt,
-                        f"node lost: {node.name} silent for {silent:.1f} s",
-                        "node_lost",
-                        blamed=[node],
-                        detected=now(),
-                    )
-                node.attempt_id = None
+            self._fail_node_attempt(
+                s, node, f"node lost: {node.name} silent for {silent:.1f} s", "node_lost"
+            )
+
+    def _fail_node_attempt(self, s: Session, node: Node, cause: str, kind: str) -> None:
+        """The node is at fault: fail the attempt it runs (blaming it) and detach it."""
+        attempt = s.get(Attempt, node.attempt_id) if node.attempt_id is not None else None
+        if attempt is not None and attempt.state not in TERMINAL_ATTEMPT_STATES:
+            self._fail_attempt(s, attempt, cause, kind, blamed=[node], detected=now())
+        node.attempt_id = None
 
     def _free_nodes(self, s: Session) -> list[Node]:
         nodes = s.scalars(
