@@ -254,16 +254,17 @@ class Agent:
         if self.node_id is None:
             self._register()
         assert self.node_id is not None
+        holdings = self.snapshots.holdings()  # one scan of the snapshot area per heartbeat
         reply = self._client.heartbeat(
             self.node_id,
             Heartbeat(
                 agent_instance=self.instance,
                 time_unix=time.time(),
                 workers=self.supervisor.statuses(),
-                snapshots=self.snapshots.holdings(),
+                snapshots=holdings,
                 notices=self._drain_notices(),
                 memory_budget_bytes=self.snapshots.budget_bytes,
-                memory_used_bytes=self.snapshots.used_bytes(),
+                memory_used_bytes=self.snapshots.used_bytes(holdings),
                 health=self.health.take(),
             ),
         )

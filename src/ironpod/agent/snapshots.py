@@ -119,12 +119,13 @@ class SnapshotStore:
 
     # -- accounting
 
-    def used_bytes(self) -> int:
-        """Reservations (the workers' slots) plus every copy held outside them."""
+    def used_bytes(self, holdings: list[SnapshotHolding] | None = None) -> int:
+        """Reservations (the workers' slots) plus every copy held outside them; pass the
+        area's ``holdings()`` when already scanned."""
         with self._lock:
             reserved = sum(self._reserved.values())
-        copies = sum(h.nbytes for h in self.holdings() if h.kind == "replica")
-        return reserved + copies
+        held = self.holdings() if holdings is None else holdings
+        return reserved + sum(h.nbytes for h in held if h.kind == "replica")
 
     def _notice(
         self, kind: str, message: str, job_id: int | None, **data: float | int | str
