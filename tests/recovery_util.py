@@ -12,9 +12,10 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from ironpod.agent.logs import log_path
 from ironpod.client import AttemptView, EventView, IronpodClient, JobView, is_terminal
 from ironpod.cluster import local
 from ironpod.train.beacon import parse_progress_line
+from tests.conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Where the timings go as JSON lines, besides the printed table (`pytest -s` shows it).
@@ -66,9 +68,19 @@ def poll(what: Callable[[], T | None], timeout: float, desc: str, every: float =
         time.sleep(every)
 
 
+@contextlib.contextmanager
+def local_cluster(home: Path, nodes: int) -> Iterator[Path]:
+    """A local cluster for a test module: heartbeats every 0.5 s, a node lost after 3 s."""
+    where = home.resolve()
+    try:
+        local.up(nodes, where, heartbeat_interval_s=0.5, node_lost_after_s=3.0, timeout_s=90)
+        yield where
+    finally:
+        local.down(where)
+
+
 def prepare_cache(cache: Path) -> Path:
     """Tokenize the recipe's corpus into ``cache`` once, so no job's ranks race to build it."""
-    import subprocess
 
     code = (
         "import sys\n"
@@ -76,10 +88,9 @@ def prepare_cache(cache: Path) -> Path:
         "from recipes.gpt.config import load_config\n"
         "data.prepare(load_config('tiny', sys.argv[1:]).data)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IRONPOD_")}
     done = subprocess.run(
         [sys.executable, "-c", code, *RECIPE_OVERRIDES],
-        env={**env, "IRONPOD_CACHE_DIR": str(cache)},
+        env=clean_env(IRONPOD_CACHE_DIR=str(cache)),
         cwd=ROOT,
         capture_output=True,
         text=True,

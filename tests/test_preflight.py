@@ -62,12 +62,8 @@ def test_assignment_carries_the_plan_and_a_failed_preflight_ends_the_attempt(
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    where = tmp_path_factory.mktemp("home").resolve()
-    try:
-        local.up(2, where, heartbeat_interval_s=0.5, node_lost_after_s=3.0, timeout_s=90)
+    with ru.local_cluster(tmp_path_factory.mktemp("home"), 2) as where:
         yield where
-    finally:
-        local.down(where)
 
 
 def short_job(name: str, root: Path, cache: Path, **preflight: Any) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -31,7 +29,6 @@ from ironpod.client import IronpodClient, JobView, is_terminal
 from ironpod.cluster import local
 from ironpod.errors import IronpodError
 from tests import recovery_util as ru
-from tests.conftest import clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -41,35 +38,14 @@ JOB_TIMEOUT_S = 180.0
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tokenized corpus prepared once, so no job's ranks race to build it."""
-    cache = tmp_path_factory.mktemp("cache")
-    code = (
-        "import sys\n"
-        "from recipes.gpt import data\n"
-        "from recipes.gpt.config import load_config\n"
-        "data.prepare(load_config('tiny', sys.argv[1:]).data)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *ru.RECIPE_OVERRIDES],
-        env=clean_env(IRONPOD_CACHE_DIR=str(cache)),
-        cwd=ru.ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return cache
+    return ru.prepare_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """3 nodes, heartbeats every 0.5 s, a node lost after 3 s without one."""
-    where = tmp_path_factory.mktemp("home").resolve()
-    try:
-        local.up(3, where, heartbeat_interval_s=0.5, node_lost_after_s=3.0, timeout_s=90)
+    with ru.local_cluster(tmp_path_factory.mktemp("home"), 3) as where:
         yield where
-    finally:
-        local.down(where)
 
 
 @pytest.fixture(scope="module")

@@ -81,12 +81,8 @@ def test_persistent_straggler_is_reported_then_replaced(tmp_path: Path, action: 
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs: the slow node must not share its CPU with the other")
-    where = tmp_path_factory.mktemp("home").resolve()
-    try:
-        local.up(3, where, heartbeat_interval_s=0.5, node_lost_after_s=3.0, timeout_s=90)
+    with ru.local_cluster(tmp_path_factory.mktemp("home"), 3) as where:
         yield where
-    finally:
-        local.down(where)
 
 
 def hogs(cpus: list[int], count: int) -> list[subprocess.Popen[bytes]]:

@@ -44,12 +44,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    where = tmp_path_factory.mktemp("home").resolve()
-    try:
-        local.up(4, where, heartbeat_interval_s=0.5, node_lost_after_s=3.0, timeout_s=90)
+    with ru.local_cluster(tmp_path_factory.mktemp("home"), 4) as where:
         yield where
-    finally:
-        local.down(where)
 
 
 @pytest.fixture(scope="module")
