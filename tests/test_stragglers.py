@@ -98,6 +98,16 @@ def test_cpu_hog_makes_a_straggler_and_the_job_moves_to_the_spare(
     cache = ru.prepare_cache(tmp_path / "cache")
     api: IronpodClient
     with local.require_cluster(home).admin_client() as api:
+        # Nodes share CPUs when there are more nodes than CPUs: keep those that overlap an
+        # earlier one out of the job, so its two ranks never hog each other's CPU.
+        agents = local.require_cluster(home).agents
+        taken: set[int] = set()
+        shared = []
+        for name in sorted(agents):
+            if taken & set(agents[name].cpus):
+                shared.append(name)
+                api.drain(name)
+            taken |= set(agents[name].cpus)
         spec = ru.job_spec("slow", tmp_path / "ckpt", cache)
         spec["stragglers"] = {"factor": 1.5, "steps": 8, "action": "replace"}
         api.submit(spec)
@@ -116,6 +126,8 @@ def test_cpu_hog_makes_a_straggler_and_the_job_moves_to_the_spare(
             for proc in busy:
                 proc.kill()
                 proc.wait()
+            for name in shared:  # the spare the job moves to
+                api.undrain(name)
         detected = found[0]
         step_at_start = 8
         steps_taken = int(first["last_step"] or step_at_start)
