@@ -23,6 +23,11 @@ EXIT_USAGE = 2
 #: from a crash so the controller restarts rather than counts a failure. 75 is EX_TEMPFAIL in
 #: sysexits.h: "try again later".
 EXIT_PREEMPTED = 75
+#: Exit code of ``ironpod launch`` for a job that cannot succeed by running again: its command
+#: cannot start, or its attempts failed the same way before any progress several times in a
+#: row. A Slurm wrapper must not requeue it. 93 is the code NVIDIA's ft_launcher uses for the
+#: same case (nvidia-resiliency-ext), so wrappers written for one work with the other.
+EXIT_DO_NOT_REQUEUE = 93
 
 
 class IronpodError(Exception):

@@ -201,3 +201,6 @@ class WorkerEvent(_Wire):
     exit_code: int | None = None
     signal: int | None = None
     detail: str = ""
+    #: A failed rank's own account of its failure, one line: the error that
+    #: ``torch.distributed.elastic``'s ``@record`` wrote to ``TORCHELASTIC_ERROR_FILE``.
+    error: str | None = None
