@@ -1,7 +1,9 @@
 """bench/goodput.py still runs end to end. A smoke test: its timings are never asserted.
 
-``--quick`` trains 30 short steps under ironpod (a local cluster) and under torchrun, with one
-crash each: about 35 s on an idle 2-core machine. The timeouts leave room for a loaded one.
+``--quick`` runs both workloads briefly, each system once with one crash and once without:
+the unmodified script under ``ironpod launch`` and ``torchrun --standalone`` (30 steps), the
+GPT recipe under a local cluster and torchrun with a fresh store (30 short steps). About two
+minutes on an idle 2-core machine; the timeouts leave room for a loaded one.
 """
 
 from __future__ import annotations
@@ -16,19 +18,38 @@ from tests.conftest import ROOT, clean_env, python
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_goodput_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "goodput.json"
     work = tmp_path / "work"
     proc = python(
         [str(ROOT / "bench" / "goodput.py"), "--quick", "--dir", str(work), "--json", str(out)],
         env=clean_env(IRONPOD_CACHE_DIR=str(tmp_path / "cache")),
-        timeout=220,
+        timeout=580,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "Goodput under faults" in proc.stdout
-    assert "Per fault: seconds after the injection" in proc.stdout
+    for title in ("Goodput under faults, script", "Goodput under faults, recipe", "Per fault"):
+        assert title in proc.stdout
+    assert "Fault-free runs: the overhead of each system against bare torchrun" in proc.stdout
     raw = json.loads(out.read_text())
-    assert [run["system"] for run in raw["runs"]] == ["ironpod", "torchrun-fresh"]
-    assert [fault["kind"] for fault in raw["schedule"]] == ["crash"]
+    runs = [(r["workload"], r["system"], r["fault_free"]) for r in raw["runs"]]
+    assert runs == [
+        ("script", "ironpod-launch", False),
+        ("script", "torchrun", False),
+        ("script", "ironpod-launch", True),
+        ("script", "torchrun", True),
+        ("recipe", "ironpod", False),
+        ("recipe", "torchrun-fresh", False),
+        ("recipe", "ironpod", True),
+        ("recipe", "torchrun", True),
+    ]
+    assert all(r["finished"] for r in raw["runs"]), [r["reason"] for r in raw["runs"]]
+    assert {w: [f["kind"] for f in fs] for w, fs in raw["schedule"].items()} == {
+        "script": ["crash"],
+        "recipe": ["crash"],
+    }
+    # every finished run of a workload ends on the same loss: the resumes are exact
+    for workload in ("script", "recipe"):
+        losses = {r["final_loss"] for r in raw["runs"] if r["workload"] == workload}
+        assert len(losses) == 1, (workload, losses)
     assert not list(work.iterdir()), "the bench left its cluster, logs or checkpoints behind"
