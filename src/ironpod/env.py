@@ -17,6 +17,39 @@ MASTER_PORT = "MASTER_PORT"
 GROUP_RANK = "GROUP_RANK"
 NODE_RANK = "NODE_RANK"
 
+# -- what torchrun's elastic agent sets for each worker (ironpod's agent sets them too, so code
+# that detects a torchrun-style launcher, PyTorch Lightning's TorchElasticEnvironment for one,
+# sizes the world right); see ironpod.agent.worker.worker_env
+ROLE_RANK = "ROLE_RANK"
+ROLE_NAME = "ROLE_NAME"
+ROLE_WORLD_SIZE = "ROLE_WORLD_SIZE"
+GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"
+TORCHELASTIC_RUN_ID = "TORCHELASTIC_RUN_ID"
+TORCHELASTIC_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+TORCHELASTIC_MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
+TORCHELASTIC_USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
+#: Where ``torch.distributed.elastic``'s ``@record`` writes a failed rank's exception (JSON).
+TORCHELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+TORCHELASTIC_PREFIX = "TORCHELASTIC_"
+TORCH_NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+#: Set to 1 for each worker when a node runs several and nobody chose a value (as torchrun).
+OMP_NUM_THREADS = "OMP_NUM_THREADS"
+#: One job stays one experiment-tracker run across its restarts (set unless already set).
+WANDB_RUN_ID = "WANDB_RUN_ID"
+WANDB_RESUME = "WANDB_RESUME"
+
+# -- what ``ironpod launch`` reads besides its flags (torchrun's precedence: flag > PET_ > default)
+#: torchrun's environment fallback for a flag: ``PET_`` + the flag's name in capitals with
+#: underscores (``--nproc-per-node`` -> ``PET_NPROC_PER_NODE``).
+PET_PREFIX = "PET_"
+SLURM_JOB_ID = "SLURM_JOB_ID"
+SLURM_STEP_ID = "SLURM_STEP_ID"
+SLURM_NNODES = "SLURM_NNODES"
+SLURM_NODEID = "SLURM_NODEID"
+SLURM_JOB_NODELIST = "SLURM_JOB_NODELIST"
+#: torchrun's default for ``--shutdown-timeout``.
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
 # -- ironpod's own job context
 #: Job identifier given by the controller (free text when run by hand).
 JOB_ID = "IRONPOD_JOB_ID"
@@ -43,6 +76,9 @@ DISTRIBUTED = "IRONPOD_DISTRIBUTED"
 DIST_BACKEND = "IRONPOD_DIST_BACKEND"
 #: "0" silences the one-line progress log that :func:`ironpod.train.progress` prints.
 PROGRESS_LOG = "IRONPOD_PROGRESS_LOG"
+#: "0" turns off the step hook (ironpod.agent.stephook): no beacon per optimizer step from
+#: scripts that do not import ironpod, and the agent leaves PYTHONPATH alone.
+STEP_HOOK = "IRONPOD_STEP_HOOK"
 #: Seconds torch.distributed waits in a collective before giving up (default: torch's own).
 DIST_TIMEOUT_S = "IRONPOD_DIST_TIMEOUT_S"
 
@@ -66,6 +102,27 @@ ALL = (
     LOCAL_WORLD_SIZE,
     MASTER_ADDR,
     MASTER_PORT,
+    GROUP_RANK,
+    NODE_RANK,
+    ROLE_RANK,
+    ROLE_NAME,
+    ROLE_WORLD_SIZE,
+    GROUP_WORLD_SIZE,
+    TORCHELASTIC_RUN_ID,
+    TORCHELASTIC_RESTART_COUNT,
+    TORCHELASTIC_MAX_RESTARTS,
+    TORCHELASTIC_USE_AGENT_STORE,
+    TORCHELASTIC_ERROR_FILE,
+    TORCH_NCCL_ASYNC_ERROR_HANDLING,
+    OMP_NUM_THREADS,
+    WANDB_RUN_ID,
+    WANDB_RESUME,
+    SLURM_JOB_ID,
+    SLURM_STEP_ID,
+    SLURM_NNODES,
+    SLURM_NODEID,
+    SLURM_JOB_NODELIST,
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
     JOB_ID,
     ATTEMPT_ID,
     CHECKPOINT_DIR,
@@ -78,6 +135,7 @@ ALL = (
     DISTRIBUTED,
     DIST_BACKEND,
     PROGRESS_LOG,
+    STEP_HOOK,
     DIST_TIMEOUT_S,
     HOME,
     URL,

@@ -173,6 +173,11 @@ class Assignment(_Wire):
     durable_interval_s: float | None = Field(
         None, description="the controller's durable-checkpoint interval (Young/Daly)"
     )
+    # What torchrun's agent tells its workers (TORCHELASTIC_*); None from an older controller,
+    # and the agent then falls back (the attempt number in the job env, the job's name and id).
+    restart_count: int | None = Field(None, description="restarts of the job before this attempt")
+    max_restarts: int | None = Field(None, description="the job's restart limit")
+    run_id: str | None = Field(None, description="the job's identity across its attempts")
 
 
 class HeartbeatReply(_Wire):

@@ -151,6 +151,9 @@ class Supervisor:
         if worker.start_error:
             detail = worker.start_error
         log.info("worker rank %d (attempt %d) exited: %s", worker.rank, worker.attempt_id, how)
+        error = None
+        if code != 0 and not worker.stopping:
+            error = read_error_file(error_file(self.logs_root, worker.attempt_id, worker.rank))
         self._report(
             WorkerEvent(
                 attempt_id=worker.attempt_id,
@@ -160,6 +163,7 @@ class Supervisor:
                 exit_code=code,
                 signal=sig,
                 detail=detail,
+                error=error,
             )
         )
 
@@ -219,8 +223,14 @@ class Supervisor:
         with self._lock:
             self._current, self._workers = a, workers
         for worker in workers.values():
+            errors = error_file(self.logs_root, a.attempt_id, worker.rank)
+            errors.unlink(missing_ok=True)  # only this start's failure may be read after it
             env = worker_env(
-                a, rank=worker.rank, local_rank=worker.local_rank, beacon_socket=self._beacon_socket
+                a,
+                rank=worker.rank,
+                local_rank=worker.local_rank,
+                beacon_socket=self._beacon_socket,
+                error_file=str(errors),
             )
             env.update(extra)
             with self._lock:
@@ -321,6 +331,39 @@ class Supervisor:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"attempt_id": attempt_id, "workers": entries}))
         tmp.replace(path)
+
+
+def error_file(logs_root: Path, attempt_id: int, rank: int) -> Path:
+    """``TORCHELASTIC_ERROR_FILE`` of a rank: next to its log, in the attempt's directory."""
+    return log_path(logs_root, attempt_id, rank).with_name(f"error-{rank}.json")
+
+
+#: A traceback's frame line: ``  File "/path/train.py", line 42, in main``.
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def read_error_file(path: Path) -> str | None:
+    """One line from the JSON that ``@record`` (torch.distributed.elastic's error handler)
+    writes for an uncaught exception: ``ValueError: bad shape (train.py:42)``, the innermost
+    frame of the traceback. None if there is no file or it is not that format."""
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError):
+        return None
+    message = data.get("message") if isinstance(data, dict) else None
+    stack = ""
+    if isinstance(message, dict):
+        info = message.get("extraInfo")
+        stack = str(info.get("py_callstack", "")) if isinstance(info, dict) else ""
+        message = message.get("message")
+    if not isinstance(message, str) or not message.strip():
+        return None
+    line = " ".join(message.split())[:500]
+    frames = _FRAME.findall(stack)
+    if frames:
+        file, number = frames[-1]
+        line += f" ({os.path.basename(file)}:{number})"
+    return line
 
 
 def _open_log(path: Path) -> RankLog:

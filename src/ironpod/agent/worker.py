@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -26,9 +27,6 @@ from ironpod.wire import Assignment, WorkerStatus
 
 log = logging.getLogger(__name__)
 
-# torchrun's names for the node's rank; not (yet) in ironpod.env, which lists what ironpod reads.
-GROUP_RANK = "GROUP_RANK"
-NODE_RANK = "NODE_RANK"
 #: A line longer than this reaches the log in pieces (keeps the pump's memory bounded).
 _MAX_LINE = 64 * 1024
 #: Exit codes for a command that could not be started, as a shell reports them.
@@ -43,33 +41,73 @@ def worker_env(
     local_rank: int,
     beacon_socket: str,
     base: Mapping[str, str] | None = None,
+    error_file: str | None = None,
 ) -> dict[str, str]:
     """The agent's environment + the job's + the torch.distributed and ironpod variables.
 
-    ``IRONPOD_JOB_ID`` and ``IRONPOD_ATTEMPT_ID`` default to the assignment's ids; the job env
-    may set them (the controller passes the attempt's number within the job there). Inherited
-    ``TORCHELASTIC_*`` variables are dropped: the worker is not under torchrun.
+    The worker sees what torchrun's agent would give it (torch/distributed/elastic/agent/
+    server/local_elastic_agent.py), so code that detects a torchrun-style launcher by
+    ``TORCHELASTIC_RUN_ID`` (PyTorch Lightning) sizes the world right. Inherited
+    ``TORCHELASTIC_*`` variables are dropped (they would describe some other launcher's job);
+    ours are set instead. Precedence, lowest first: the agent's environment, ironpod's defaults
+    (``OMP_NUM_THREADS=1`` with several ranks a node, as torchrun; the NCCL error handling;
+    one tracker run per job), the job's env, then the per-rank variables, which nobody
+    overrides. ``IRONPOD_JOB_ID``/``IRONPOD_ATTEMPT_ID`` default to the assignment's ids; the
+    job env may set them (the controller passes the attempt's number within the job there).
     """
     base = os.environ if base is None else base
-    out = {key: value for key, value in base.items() if not key.startswith("TORCHELASTIC_")}
+    out = {k: v for k, v in base.items() if not k.startswith(env.TORCHELASTIC_PREFIX)}
+    job_env = assignment.env
+    run_id = job_env.get(env.TORCHELASTIC_RUN_ID) or assignment.run_id
+    run_id = run_id or f"{assignment.job_name}-{assignment.job_id}"
+    defaults = {
+        env.TORCH_NCCL_ASYNC_ERROR_HANDLING: "1",
+        env.WANDB_RUN_ID: _tracker_id(run_id),
+        env.WANDB_RESUME: "allow",
+    }
+    if len(assignment.ranks) > 1:  # torchrun's rule: several ranks share the node's cores
+        defaults[env.OMP_NUM_THREADS] = "1"
+    for key, value in defaults.items():
+        if key not in out and key not in job_env:
+            out[key] = value
     out[env.JOB_ID] = str(assignment.job_id)
     out[env.ATTEMPT_ID] = str(assignment.attempt_id)
-    out.update(assignment.env)
+    out[env.TORCHELASTIC_RUN_ID] = run_id
+    out[env.ROLE_NAME] = "default"
+    out.update(job_env)
+    restarts = assignment.restart_count
+    if restarts is None:  # an older controller: the attempt's number within the job
+        number = job_env.get(env.ATTEMPT_ID, "0")
+        restarts = int(number) if number.isdigit() else 0
     out.update(
         {
             env.RANK: str(rank),
             env.LOCAL_RANK: str(local_rank),
             env.WORLD_SIZE: str(assignment.world_size),
             env.LOCAL_WORLD_SIZE: str(len(assignment.ranks)),
-            GROUP_RANK: str(assignment.node_rank),
-            NODE_RANK: str(assignment.node_rank),
+            env.GROUP_RANK: str(assignment.node_rank),
+            env.NODE_RANK: str(assignment.node_rank),
+            env.ROLE_RANK: str(rank),  # one role per job: its ranks are the job's ranks
+            env.ROLE_WORLD_SIZE: str(assignment.world_size),
+            env.GROUP_WORLD_SIZE: str(assignment.nnodes),
             env.MASTER_ADDR: assignment.master_addr,
             env.MASTER_PORT: str(assignment.master_port),
+            env.TORCHELASTIC_RESTART_COUNT: str(restarts),
+            env.TORCHELASTIC_USE_AGENT_STORE: "False",  # workers make their own store
             env.BEACON_SOCKET: beacon_socket,
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if assignment.max_restarts is not None:
+        out[env.TORCHELASTIC_MAX_RESTARTS] = str(assignment.max_restarts)
+    if error_file:
+        out[env.TORCHELASTIC_ERROR_FILE] = error_file
     return out
+
+
+def _tracker_id(run_id: str) -> str:
+    """A W&B run id from the job's identity: W&B allows letters, digits, '-' and '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:128]
 
 
 class Worker:
