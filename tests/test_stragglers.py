@@ -1,17 +1,20 @@
-"""Stragglers: the rule, the controller's policy in process, and a real slow node.
+"""Stragglers: the controller's policy in process, and a real slow node.
 
-The end-to-end test (slow) runs a 2-node DDP job on a 3-node local cluster whose nodes are
-pinned to the machine's CPUs, then starts CPU hogs on the CPU of rank 1's node: that rank's
-own compute time per step grows while the other's does not, the controller reports the
-straggler within a bounded number of steps and, with ``action: replace``, moves the job to
-the spare node, where it finishes with the fault-free run's final loss.
+The rule itself, against noisy neighbours, is tests/test_stragglers_rule.py. The end-to-end
+test (slow) runs a 2-node DDP job on a 3-node local cluster, then holds the workers of rank
+1's node to 5% of one CPU with a cgroup CPU limit: that rank's own compute time per step
+grows while the other's does not, the controller reports the straggler within a bounded
+number of steps and, with ``action: replace``, moves the job to the spare node, where it
+finishes.
+
+Why a cgroup limit and not CPU hogs beside the node: hogs slow a rank only as much as the
+scheduler lets them, and on a small machine with other work running (CI, a laptop) that work
+slows the other rank as well, so the ratio between them wandered about the factor and the
+test failed in 2 of 3 runs. A CFS quota holds the slow rank to its share whatever else runs.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,17 +24,9 @@ import pytest
 
 from ironpod.client import IronpodClient
 from ironpod.cluster import local
-from ironpod.controller.stragglers import slow_ranks
+from tests import cgroups
 from tests import recovery_util as ru
 from tests.test_controller import Cluster, running
-
-
-def test_a_rank_is_slow_against_the_median_of_the_others() -> None:
-    assert slow_ranks({0: 0.010, 1: 0.011}, factor=1.5) == {}
-    assert slow_ranks({0: 0.010, 1: 0.030}, factor=1.5) == {1: pytest.approx(3.0)}
-    many = {0: 0.010, 1: 0.011, 2: 0.012, 3: 0.040}
-    assert set(slow_ranks(many, factor=1.5)) == {3}
-    assert slow_ranks({0: 0.010}, factor=1.5) == {}
 
 
 def beat(c: Cluster, node: int, name: str, attempt: int, rank: int, step: int, compute: float):
@@ -76,71 +71,77 @@ def test_persistent_straggler_is_reported_then_replaced(tmp_path: Path, action: 
 
 # -- a real slow node
 
+#: The slow node's workers get this much of one CPU: 20x slower than alone, and still 3x
+#: slower than a peer that shares its own CPU with five other busy processes.
+SLOW_CPU = 0.05
+#: The limit starts once rank 1 has logged this step (the first checkpoint is at step 5).
+LIMIT_AT_STEP = 5
+
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs 2 CPUs: the slow node must not share its CPU with the other")
+def hierarchy() -> cgroups.Hierarchy:
+    found = cgroups.find_hierarchy()
+    if isinstance(found, str):
+        pytest.skip(f"a slow node is made with a cgroup CPU limit: {found}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, hierarchy: cgroups.Hierarchy) -> Iterator[Path]:
     with ru.local_cluster(tmp_path_factory.mktemp("home"), 3) as where:
         yield where
 
 
-def hogs(cpus: list[int], count: int) -> list[subprocess.Popen[bytes]]:
-    """Busy loops pinned to ``cpus``: a node whose CPU is shared with someone else's work."""
-    code = f"import os; os.sched_setaffinity(0, {cpus!r})\nwhile True: pass\n"
-    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+def compute_medians(api: IronpodClient, job: str) -> dict[str, Any]:
+    """rank -> (its last step, its median compute seconds) in the job's latest attempt."""
+    found = ru.attempts(api, job)
+    ranks = found[-1]["ranks"] if found else {}
+    return {r: (v.get("last_step"), v.get("median_compute_s")) for r, v in ranks.items()}
 
 
 @pytest.mark.slow
-def test_cpu_hog_makes_a_straggler_and_the_job_moves_to_the_spare(
-    home: Path, tmp_path: Path
+def test_a_cpu_limited_node_is_a_straggler_and_the_job_moves_to_the_spare(
+    home: Path, hierarchy: cgroups.Hierarchy, tmp_path: Path
 ) -> None:
     cache = ru.prepare_cache(tmp_path / "cache")
     api: IronpodClient
     with local.require_cluster(home).admin_client() as api:
-        # Nodes share CPUs when there are more nodes than CPUs: keep those that overlap an
-        # earlier one out of the job, so its two ranks never hog each other's CPU.
-        agents = local.require_cluster(home).agents
-        taken: set[int] = set()
-        shared = []
-        for name in sorted(agents):
-            if taken & set(agents[name].cpus):
-                shared.append(name)
-                api.drain(name)
-            taken |= set(agents[name].cpus)
-        spec = ru.job_spec("slow", tmp_path / "ckpt", cache)
+        # A slow rank holds its peer in the all-reduce for seconds a step, and a loaded machine
+        # stretches the last step's teardown: neither is the hang this job is not about.
+        spec = ru.job_spec("slow", tmp_path / "ckpt", cache, hang_timeout_s=60.0)
         spec["stragglers"] = {"factor": 1.5, "steps": 8, "action": "replace"}
         api.submit(spec)
-        first = ru.wait_for_step(home, api, "slow", rank=1, step=8)
+        first = ru.wait_for_step(home, api, "slow", rank=1, step=LIMIT_AT_STEP, timeout=240)
         slow_node = ru.attempt_nodes(api, first)[1]
-        cpus = local.require_cluster(home).agents[slow_node].cpus
-        started = time.time()
-        busy = hogs(cpus, 3)
-        try:
-            found: list[Any] = ru.poll(
-                lambda: [e for e in api.events(job="slow") if e["kind"] == "straggler_detected"],
-                120,
-                "a straggler event",
-            )
-        finally:
-            for proc in busy:
-                proc.kill()
-                proc.wait()
-            for name in shared:  # the spare the job moves to
-                api.undrain(name)
+        agent = local.require_cluster(home).agents[slow_node]
+        with cgroups.cpu_limit(hierarchy, SLOW_CPU) as limit:
+            workers = [p.pid for p in local.node_processes(agent)[1:]]
+            moved = [pid for pid in workers if limit.add(pid)]
+            assert moved, f"no worker of {slow_node} to slow down (agent pid {agent.pid})"
+            started = time.time()
+            try:
+                found: list[Any] = ru.poll(
+                    lambda: [
+                        e for e in api.events(job="slow") if e["kind"] == "straggler_detected"
+                    ],
+                    180,
+                    "a straggler event",
+                    every=0.2,
+                )
+            except AssertionError as exc:
+                shown = compute_medians(api, "slow")
+                raise AssertionError(f"{exc}; ranks' (step, median compute s): {shown}") from exc
         detected = found[0]
-        step_at_start = 8
-        steps_taken = int(first["last_step"] or step_at_start)
-        view = ru.wait_terminal(api, "slow", 180)
+        view = ru.wait_terminal(api, "slow", 300)
         print(
-            f"\n[straggler] detected {detected['time_unix'] - started:.1f} s after the hogs "
-            f"started: {detected['cause']}"
+            f"\n[straggler] detected {detected['time_unix'] - started:.1f} s after the CPU "
+            f"limit ({SLOW_CPU:.0%} of a CPU) started: {detected['cause']}"
         )
         assert detected["data"]["rank"] == 1, detected
         assert slow_node in detected["cause"]
         assert view["state"] == "succeeded", view["reason"]
         attempts = view.get("attempts") or []
-        assert len(attempts) == 2 and attempts[0]["end_cause"].startswith("straggler")
+        causes = [a["end_cause"] for a in attempts]
+        assert len(attempts) == 2 and causes[0].startswith("straggler"), causes
         assert slow_node not in ru.attempt_nodes(api, attempts[1])
-        assert steps_taken >= 1
         api.undrain(slow_node)
