@@ -51,6 +51,12 @@ class RestartPolicy(_Strict):
     no_restart_exit_codes: list[int] = Field(
         default_factory=lambda: [2], description="exit codes that fail the job at once"
     )
+    max_failures_without_progress: int = Field(
+        3,
+        ge=1,
+        description="attempts in a row that fail the same way before any step end the job "
+        "(end_kind no_progress): restarting a job that cannot get going does not help",
+    )
 
     @field_validator("progress_regex")
     @classmethod

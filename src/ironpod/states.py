@@ -15,6 +15,10 @@ class NodeState(StrEnum):
     READY = "ready"
     BUSY = "busy"
     LOST = "lost"
+    #: Blamed ``restart.node_failures_to_quarantine`` times with no replacement to move to:
+    #: out of work until the deep health recheck the controller asked for decides
+    #: (``Node.recheck_unix`` holds when it was asked, so a controller restart keeps it).
+    SUSPECT = "suspect"
     QUARANTINED = "quarantined"
     DRAINING = "draining"
     DRAINED = "drained"
@@ -40,15 +44,18 @@ class AttemptState(StrEnum):
     STOPPED = "stopped"
 
 
+_OUT = {NodeState.LOST, NodeState.SUSPECT, NodeState.QUARANTINED, NodeState.DRAINING}
 NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     NodeState.JOINING: frozenset({NodeState.READY, NodeState.QUARANTINED, NodeState.LOST}),
-    NodeState.READY: frozenset(
-        {NodeState.BUSY, NodeState.LOST, NodeState.QUARANTINED, NodeState.DRAINING}
+    NodeState.READY: frozenset({NodeState.BUSY, *_OUT}),
+    NodeState.BUSY: frozenset({NodeState.READY, *_OUT}),
+    NodeState.LOST: frozenset(
+        {NodeState.READY, NodeState.SUSPECT, NodeState.QUARANTINED, NodeState.DRAINING}
     ),
-    NodeState.BUSY: frozenset(
-        {NodeState.READY, NodeState.LOST, NodeState.QUARANTINED, NodeState.DRAINING}
+    # The deep recheck decides: passed (or no verdict can come) -> ready, failed -> quarantined.
+    NodeState.SUSPECT: frozenset(
+        {NodeState.READY, NodeState.QUARANTINED, NodeState.LOST, NodeState.DRAINING}
     ),
-    NodeState.LOST: frozenset({NodeState.READY, NodeState.QUARANTINED, NodeState.DRAINING}),
     NodeState.QUARANTINED: frozenset({NodeState.READY, NodeState.LOST, NodeState.DRAINING}),
     NodeState.DRAINING: frozenset({NodeState.DRAINED, NodeState.LOST, NodeState.READY}),
     NodeState.DRAINED: frozenset({NodeState.READY, NodeState.LOST}),
@@ -95,6 +102,56 @@ ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
     AttemptState.FAILED: frozenset(),
     AttemptState.STOPPED: frozenset(),
 }
+
+
+class EndKind(StrEnum):
+    """Which budget, if any, ended a job: a typed fact (``Job.end_kind``), never read from the
+    words of ``Job.reason``.
+
+    ``ironpod launch`` maps it to its exit code (:func:`launch_exit_code`):
+
+    ==============  ==========================================================  =========
+    end_kind        when                                                        exit code
+    ==============  ==========================================================  =========
+    ``""``          the job is live                                             -
+    succeeded       every rank exited 0                                         0
+    cancelled       a person cancelled it                                       1
+    restart_limit   ``restart.max_restarts`` restarts within ``window_s`` spent   1
+    no_restart      an exit code in ``restart.no_restart_exit_codes``           1
+    no_restart      the command cannot start: exit 126/127, missing workdir     93
+    no_progress     ``restart.max_failures_without_progress`` attempts in a     93
+                    row failed the same way before any step
+    ==============  ==========================================================  =========
+
+    93 is ``ironpod.errors.EXIT_DO_NOT_REQUEUE``: running the job again cannot help.
+    """
+
+    LIVE = ""
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    RESTART_LIMIT = "restart_limit"
+    NO_RESTART = "no_restart"
+    NO_PROGRESS = "no_progress"
+
+
+#: Exit codes of a command that cannot start (POSIX shells: 127 not found, 126 not executable;
+#: the agent reports a failed exec, or a workdir that does not exist, the same way).
+CANNOT_START_EXIT_CODES = frozenset({126, 127})
+
+
+def launch_exit_code(kind: EndKind, exit_code: int | None = None) -> int:
+    """``ironpod launch``'s exit code for a job that ended as ``kind`` (the table above);
+    ``exit_code`` is the failed rank's (``Job.end_exit_code``), which splits ``no_restart``."""
+    from ironpod.errors import EXIT_DO_NOT_REQUEUE
+
+    if kind == EndKind.SUCCEEDED:
+        return 0
+    if kind == EndKind.NO_PROGRESS or (
+        kind == EndKind.NO_RESTART and exit_code in CANNOT_START_EXIT_CODES
+    ):
+        return EXIT_DO_NOT_REQUEUE
+    return 1
+
 
 TERMINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 TERMINAL_ATTEMPT_STATES = frozenset(
