@@ -155,6 +155,10 @@ class JobView(_JobBase, total=False):
     last_step: int | None
     metrics: dict[str, Any]
     goodput: Goodput
+    #: Which budget ended the job (ironpod.states.EndKind): "" while live; controllers before
+    #: it leave it out. ``end_exit_code``: the exit code of the rank that ended it, if any.
+    end_kind: str
+    end_exit_code: int | None
 
 
 class EventView(TypedDict):

@@ -170,6 +170,9 @@ def job_summary(job: JobView) -> Table:
         ("started", clock(job["started_unix"])),
         ("ended", clock(job["ended_unix"])),
     ]
+    if job.get("end_kind"):
+        code = job.get("end_exit_code")
+        rows.append(("end", job["end_kind"] + ("" if code is None else f" (exit code {code})")))
     for key, value in rows:
         out.add_row(key, value)
     return out

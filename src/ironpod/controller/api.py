@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from ironpod import __version__
 from ironpod.controller.auth import Tokens
-from ironpod.controller.db import Attempt, Event, Job, Node, now
+from ironpod.controller.db import Attempt, Event, Job, Node
 from ironpod.controller.ledger import goodput
 from ironpod.controller.service import Controller, NotFoundError
 from ironpod.controller.views import attempt_view, event_view, job_view, node_view
@@ -136,7 +136,7 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
             for job in s.scalars(query):
                 attempts = list(s.scalars(select(Attempt).where(Attempt.job_id == job.id)))
                 view = job_view(job, attempts)
-                view["goodput"] = goodput(job, attempts, now())
+                view["goodput"] = goodput(job, attempts, controller.clock())
                 view.pop("attempts")
                 out.append(view)
             return out
@@ -147,7 +147,7 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
             job = find_job(s, ref)
             attempts = list(s.scalars(select(Attempt).where(Attempt.job_id == job.id)))
             view = job_view(job, attempts)
-            view["goodput"] = goodput(job, attempts, now())
+            view["goodput"] = goodput(job, attempts, controller.clock())
             return view
 
     @api.post("/jobs/{ref}/cancel")

@@ -62,6 +62,9 @@ class Node(Base):
     memory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: Latest health check results by check name.
     health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: When the controller asked for the deep recheck that decides a node blamed too often
+    #: (state ``suspect``, or ``quarantined`` with a spare in its place); None: none pending.
+    recheck_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Job(Base):
@@ -80,6 +83,10 @@ class Job(Base):
     restarts: Mapped[list[float]] = mapped_column(JSON, default=list)
     #: The durable-checkpoint interval chosen for this job and its inputs (Young/Daly).
     checkpointing: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Which budget ended the job (ironpod.states.EndKind); "" while it is live.
+    end_kind: Mapped[str] = mapped_column(String(32), default="")
+    #: The exit code of the rank whose exit ended the job, if one did (splits ``no_restart``).
+    end_exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Attempt(Base):
@@ -105,6 +112,9 @@ class Attempt(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: The restore plan the attempt started with (wire.RestorePlan), None: durable tier.
     restore: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: How the attempt failed (ironpod.controller.policy.signature); "" unless a fault of the
+    #: job's own processes ended it. Identical ones before any progress end the job.
+    signature: Mapped[str] = mapped_column(Text, default="")
 
 
 class Event(Base):

@@ -14,8 +14,10 @@ controller's lock, on the controller's session:
   unhealthy ``health_repeat_limit`` times within ``health_repeat_window_s``: such a repeat
   offender stays out until an operator runs ``ironpod undrain``.
 
-Only nodes this policy quarantined are released by a passing run: a node quarantined for its
-blamed failures (crashes by signal, hangs, losses) is not made healthy by a disk check.
+Only nodes this policy quarantined are released by a passing run. A node blamed too often
+(hangs, losses, agent restarts; see ironpod.controller.policy) with a deep recheck pending
+(``node.recheck_unix``) is settled by ``recovery.settle_recheck`` instead: its first run after
+the request decides, and a failure hands it to this policy as a health quarantine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ironpod.controller.db import Event, Node, now
+from ironpod.controller.db import Event, Node
+from ironpod.controller.policy import Fault
 from ironpod.errors import ConfigError
 from ironpod.health import CheckResult, Status, worst
 from ironpod.states import NodeState
@@ -38,7 +41,13 @@ HealthAction = Literal["quarantine", "label"]
 REASON_PREFIX = "unhealthy: "
 #: States a failing node is quarantined from (draining and drained nodes are only labelled:
 #: an operator already took them out).
-_QUARANTINABLE = {NodeState.JOINING, NodeState.READY, NodeState.BUSY, NodeState.LOST}
+_QUARANTINABLE = {
+    NodeState.JOINING,
+    NodeState.READY,
+    NodeState.BUSY,
+    NodeState.SUSPECT,
+    NodeState.LOST,
+}
 
 
 def parse_action(text: str) -> HealthAction:
@@ -67,9 +76,14 @@ def by_check(results: list[CheckResult]) -> dict[str, list[dict[str, Any]]]:
 def apply_health(ctl: Controller, s: Session, node: Node, results: list[CheckResult]) -> None:
     """Record one finished health run of ``node`` and act on it (see the module docstring)."""
     config = ctl.config
-    node.health = {**by_check(results), "_run": {"time_unix": now(), "status": worst(results)}}
+    node.health = {
+        **by_check(results),
+        "_run": {"time_unix": ctl.clock(), "status": worst(results)},
+    }
     failed = [r for r in results if r.status == Status.FAIL]
     state = NodeState(node.state)
+    if node.recheck_unix is not None and state in {NodeState.SUSPECT, NodeState.QUARANTINED}:
+        return  # the deep recheck of a node blamed too often: recovery.settle_recheck decides
     if not failed:
         if state == NodeState.QUARANTINED and node.reason.startswith(REASON_PREFIX):
             _maybe_recover(ctl, s, node)
@@ -91,15 +105,15 @@ def apply_health(ctl: Controller, s: Session, node: Node, results: list[CheckRes
     if not acted:
         return
     ctl._set_node(s, node, NodeState.QUARANTINED, reason)
-    ctl._fail_node_attempt(s, node, f"node {node.name} {reason}", "unhealthy")
+    ctl._fail_node_attempt(s, node, f"node {node.name} {reason}", Fault.UNHEALTHY)
 
 
 def _maybe_recover(ctl: Controller, s: Session, node: Node) -> None:
     config = ctl.config
     since = _last_quarantine(s, node)
-    if since is not None and now() - since < config.health_recheck_after_s:
+    if since is not None and ctl.clock() - since < config.health_recheck_after_s:
         return
-    offences = _offences(s, node, now() - config.health_repeat_window_s)
+    offences = _offences(s, node, ctl.clock() - config.health_repeat_window_s)
     if offences >= config.health_repeat_limit:
         cause = (
             f"{offences} health failures within {config.health_repeat_window_s:.0f} s: "
@@ -125,17 +139,19 @@ def _last_quarantine(s: Session, node: Node) -> float | None:
 def _offences(s: Session, node: Node, window_start: float) -> int:
     """``node_unhealthy`` events that quarantined the node within the window, after the last
     time an operator returned it (``undrain`` forgives)."""
-    forgiven = s.scalar(
-        select(func.max(Event.time_unix)).where(
+    forgiven = s.scalar(  # by id, not time: events of one clock tick keep their order
+        select(func.max(Event.id)).where(
             Event.node_id == node.id,
             Event.kind == f"node_{NodeState.READY}",
             Event.cause == "returned by a user",
         )
     )
-    start = max(window_start, float(forgiven) if forgiven is not None else 0.0)
     rows = s.scalars(
         select(Event.data).where(
-            Event.node_id == node.id, Event.kind == "node_unhealthy", Event.time_unix >= start
+            Event.node_id == node.id,
+            Event.kind == "node_unhealthy",
+            Event.time_unix >= window_start,
+            Event.id > (forgiven or 0),
         )
     )
     return sum(1 for data in rows if (data or {}).get("action") == "quarantine")

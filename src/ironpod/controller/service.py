@@ -11,6 +11,8 @@ import logging
 import random
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ironpod import env
-from ironpod.controller import health
-from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate, now
+from ironpod.controller import health, policy, recovery
+from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate
 from ironpod.controller.db import session_factory as make_sessions
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
 from ironpod.controller.stragglers import slow_ranks
-from ironpod.errors import EXIT_PREEMPTED
 from ironpod.spec import JobSpec
 from ironpod.states import (
     ATTEMPT_TRANSITIONS,
@@ -33,6 +34,7 @@ from ironpod.states import (
     TERMINAL_ATTEMPT_STATES,
     TERMINAL_JOB_STATES,
     AttemptState,
+    EndKind,
     JobState,
     NodeState,
     check_transition,
@@ -48,7 +50,13 @@ from ironpod.wire import (
 )
 
 log = logging.getLogger(__name__)
-LIVE_NODE_STATES = {NodeState.JOINING, NodeState.READY, NodeState.BUSY, NodeState.DRAINING}
+LIVE_NODE_STATES = {
+    NodeState.JOINING,
+    NodeState.READY,
+    NodeState.BUSY,
+    NodeState.SUSPECT,
+    NodeState.DRAINING,
+}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,6 +76,9 @@ class ControllerConfig:
     health_repeat_window_s: float = 3600.0
     #: A health-quarantined node returns on a passing run no sooner than this after quarantine.
     health_recheck_after_s: float = 0.0
+    #: A node blamed too often waits this long for the deep recheck's verdict; with none (its
+    #: agent runs checks too seldom, or not at all), a suspect node is trusted again.
+    deep_recheck_timeout_s: float = 180.0
 
 
 class NotFoundError(LookupError):
@@ -75,8 +86,16 @@ class NotFoundError(LookupError):
 
 
 class Controller:
-    def __init__(self, db_url: str, state_dir: Path, config: ControllerConfig) -> None:
+    def __init__(
+        self,
+        db_url: str,
+        state_dir: Path,
+        config: ControllerConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        #: Every decision's "now" (unix seconds): tests drive it instead of sleeping.
+        self.clock = clock
         self.state_dir = state_dir
         migrate(db_url)
         self.engine = make_engine(db_url)
@@ -84,7 +103,7 @@ class Controller:
         self.lock = threading.RLock()
         #: Node silence counts from here at the earliest: no agent could reach a controller
         #: that was down, so a restart must not find every node lost.
-        self.started_unix = now()
+        self.started_unix = self.clock()
 
     # -- helpers
 
@@ -107,7 +126,7 @@ class Controller:
                 node_id=node.id if node else None,
                 attempt_id=attempt.id if attempt else None,
                 data=data,
-                time_unix=now(),
+                time_unix=self.clock(),
             )
         )
         log.info("event %s: %s %s", kind, cause, data or "")
@@ -119,9 +138,19 @@ class Controller:
         check_transition(NODE_TRANSITIONS, current, target)
         node.state = target
         node.reason = cause
+        if target == NodeState.READY:
+            node.recheck_unix = None  # whatever returned it settled the recheck
         self._event(s, f"node_{target}", cause, node=node, previous=str(current))
 
-    def _set_job(self, s: Session, job: Job, target: JobState, cause: str) -> None:
+    def _set_job(
+        self,
+        s: Session,
+        job: Job,
+        target: JobState,
+        cause: str,
+        end_kind: EndKind = EndKind.LIVE,
+        exit_code: int | None = None,
+    ) -> None:
         current = JobState(job.state)
         if current == target:
             return
@@ -129,8 +158,12 @@ class Controller:
         job.state = target
         job.reason = cause
         if target in TERMINAL_JOB_STATES:
-            job.ended_unix = now()
-        self._event(s, f"job_{target}", cause, job=job, previous=str(current))
+            job.ended_unix = self.clock()
+            job.end_kind = end_kind
+            job.end_exit_code = exit_code
+        self._event(
+            s, f"job_{target}", cause, job=job, previous=str(current), end_kind=str(end_kind)
+        )
 
     def _set_attempt(self, s: Session, attempt: Attempt, target: AttemptState, cause: str) -> None:
         current = AttemptState(attempt.state)
@@ -139,7 +172,7 @@ class Controller:
         check_transition(ATTEMPT_TRANSITIONS, current, target)
         attempt.state = target
         if target in TERMINAL_ATTEMPT_STATES:
-            attempt.ended_unix = now()
+            attempt.ended_unix = self.clock()
             attempt.end_cause = cause
         self._event(s, f"attempt_{target}", cause, attempt=attempt, number=attempt.number)
 
@@ -156,12 +189,13 @@ class Controller:
                 "memory_bytes": reg.memory_bytes,
                 "gpus": [g.model_dump() for g in reg.gpus],
                 "labels": dict(reg.labels),
-                "last_heartbeat_unix": now(),
-                "clock_skew_s": now() - reg.time_unix,
+                "last_heartbeat_unix": self.clock(),
+                "clock_skew_s": self.clock() - reg.time_unix,
             }
             if node is None:
                 node = Node(
                     name=reg.name,
+                    registered_unix=self.clock(),
                     agent_instance=reg.agent_instance,
                     state=NodeState.JOINING,
                     reason="",
@@ -181,13 +215,15 @@ class Controller:
                 node.agent_instance = reg.agent_instance
                 if restarted:
                     self._fail_node_attempt(
-                        s, node, f"agent restarted on node {node.name}", "agent_restart"
+                        s, node, f"agent restarted on node {node.name}", policy.Fault.AGENT_RESTART
                     )
                     self._event(s, "agent_restarted", f"node {node.name}", node=node)
                 if NodeState(node.state) in {NodeState.LOST, NodeState.JOINING}:
-                    self._set_node(s, node, NodeState.READY, "agent registered again")
+                    recovery.return_node(self, s, node, "agent registered again")
                 if reg.health is not None:
                     health.apply_health(self, s, node, reg.health)
+                if node.recheck_unix is not None:
+                    recovery.settle_recheck(self, s, node)
             return RegistrationReply(
                 node_id=node.id, heartbeat_interval_s=self.config.heartbeat_interval_s
             )
@@ -197,8 +233,8 @@ class Controller:
             node = s.get(Node, node_id)
             if node is None or node.agent_instance != hb.agent_instance:
                 return HeartbeatReply(reregister=True)
-            node.last_heartbeat_unix = now()
-            node.clock_skew_s = now() - hb.time_unix
+            node.last_heartbeat_unix = self.clock()
+            node.clock_skew_s = self.clock() - hb.time_unix
             node.snapshots = [h.model_dump() for h in hb.snapshots]
             if hb.memory_budget_bytes is not None:
                 node.memory = {
@@ -212,9 +248,11 @@ class Controller:
                 if notice.kind == "preflight_failed":
                     self._preflight_failed(s, node, notice.message, data, notice.time_unix)
             if NodeState(node.state) == NodeState.LOST:
-                self._set_node(s, node, NodeState.READY, "heartbeats resumed")
+                recovery.return_node(self, s, node, "heartbeats resumed")
             if hb.health is not None:
                 health.apply_health(self, s, node, hb.health)
+            if node.recheck_unix is not None:
+                recovery.settle_recheck(self, s, node)
             touched: dict[int, Attempt] = {}
             for status in hb.workers:
                 attempt = s.get(Attempt, status.attempt_id)
@@ -226,7 +264,7 @@ class Controller:
                 attempt.ranks = ranks
                 if status.state == "running" and attempt.state == AttemptState.STARTING:
                     self._set_attempt(s, attempt, AttemptState.RUNNING, "workers running")
-                    attempt.running_unix = now()
+                    attempt.running_unix = self.clock()
                     job = s.get(Job, attempt.job_id)
                     if job is not None and job.state == JobState.STARTING:
                         self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
@@ -234,12 +272,14 @@ class Controller:
                 self._update_progress(s, attempt)
                 if attempt.state == AttemptState.RUNNING:
                     self._check_stragglers(s, attempt)
-            # A node out for a failed check is rechecked with the deep suite, not the light one.
-            recheck = NodeState(node.state) == NodeState.QUARANTINED and node.reason.startswith(
-                health.REASON_PREFIX
+            # A node out for a failed check, or blamed too often, is rechecked with the deep
+            # suite, not the light one.
+            recheck = node.recheck_unix is not None or (
+                NodeState(node.state) == NodeState.QUARANTINED
+                and node.reason.startswith(health.REASON_PREFIX)
             )
             return self._reply(s, node).model_copy(
-                update={"time_unix": now(), "health_recheck": recheck}
+                update={"time_unix": self.clock(), "health_recheck": recheck}
             )
 
     def _preflight_failed(
@@ -251,7 +291,7 @@ class Controller:
         if attempt is None or attempt.state in TERMINAL_ATTEMPT_STATES:
             return
         cause = f"preflight: {node.name}: {message}"
-        self._fail_attempt(s, attempt, cause, "preflight", blamed=[], detected=detected)
+        self._fail_attempt(s, attempt, cause, policy.Fault.PREFLIGHT, detected=detected)
 
     def _check_stragglers(self, s: Session, attempt: Attempt) -> None:
         """Mark ranks slower than their peers; report one that stays slow for the policy's
@@ -314,7 +354,7 @@ class Controller:
         if action != "replace" or node is None:
             return
         self._set_node(s, node, NodeState.QUARANTINED, f"{health.REASON_PREFIX}{cause}")
-        self._fail_attempt(s, attempt, cause, "straggler", blamed=[], detected=now())
+        self._fail_attempt(s, attempt, cause, policy.Fault.STRAGGLER, detected=self.clock())
 
     def _update_progress(self, s: Session, attempt: Attempt) -> None:
         steps = [r["last_step"] for r in attempt.ranks.values() if r.get("last_step") is not None]
@@ -348,7 +388,7 @@ class Controller:
             info["cost_s"] = float(cost)
         spec = JobSpec.model_validate(job.spec)
         if spec.memory.durable_interval == "auto":
-            runtime = now() - (job.started_unix or now())
+            runtime = self.clock() - (job.started_unix or self.clock())
             failures = s.scalar(
                 select(func.count(Attempt.id)).where(
                     Attempt.job_id == job.id, Attempt.state == AttemptState.FAILED
@@ -466,12 +506,13 @@ class Controller:
                     s,
                     attempt,
                     f"hang: rank {ev.rank} on {node.name}: {ev.detail}",
-                    "hang",
-                    blamed=self._hang_suspects(s, attempt),
+                    policy.Fault.HANG,
+                    node=node,
                     detected=ev.time_unix,
+                    error=ev.error,
                 )
             elif ev.kind == "exited":
-                self._exited(s, node, attempt, ev)
+                recovery.exited(self, s, node, attempt, ev)
 
     def _first_progress(self, s: Session, attempt: Attempt, ev: WorkerEvent) -> None:
         match = re.search(r"step=(\d+)", ev.detail)
@@ -500,60 +541,6 @@ class Controller:
             **timings,
         )
 
-    def _exited(self, s: Session, node: Node, attempt: Attempt, ev: WorkerEvent) -> None:
-        job = s.get(Job, attempt.job_id)
-        assert job is not None
-        spec = JobSpec.model_validate(job.spec)
-        if ev.exit_code == 0:
-            done = [
-                r for r in attempt.ranks.values() if (r.get("event") or {}).get("exit_code") == 0
-            ]
-            if len(done) >= spec.world_size:
-                self._set_attempt(s, attempt, AttemptState.SUCCEEDED, "all ranks exited 0")
-                self._release(s, attempt)
-                self._set_job(s, job, JobState.SUCCEEDED, f"attempt {attempt.number} succeeded")
-            return
-        what = f"killed by signal {ev.signal}" if ev.signal else f"exited with code {ev.exit_code}"
-        cause = f"crash: rank {ev.rank} on {node.name} {what}"
-        if ev.exit_code in spec.restart.no_restart_exit_codes:
-            self._fail_attempt(
-                s, attempt, cause, "crash", blamed=[], detected=ev.time_unix, restart=False
-            )
-            self._set_job(s, job, JobState.FAILED, f"{cause} (a no-restart exit code)")
-            return
-        if ev.exit_code == EXIT_PREEMPTED:
-            self._fail_attempt(
-                s,
-                attempt,
-                f"rank {ev.rank} stopped on request",
-                "preempted",
-                blamed=[],
-                detected=ev.time_unix,
-            )
-            return
-        # Blame needs evidence. A rank killed by a signal (OOM killer, SIGBUS on a bad page, a
-        # node going down) points at its node; a non-zero exit is a Python error, most often
-        # the peers of a failed rank seeing their collective break, so it blames no node.
-        blamed = [node] if ev.signal else []
-        self._fail_attempt(s, attempt, cause, "crash", blamed=blamed, detected=ev.time_unix)
-
-    def _hang_suspects(self, s: Session, attempt: Attempt) -> list[Node]:
-        """In a hang every rank stops, waiting for the one that really stopped: the ranks
-        furthest behind are the suspects; if all stopped at the same step, nobody is blamed."""
-        job = s.get(Job, attempt.job_id)
-        assert job is not None
-        per = JobSpec.model_validate(job.spec).nproc_per_node
-        steps = {
-            int(r): info.get("last_step") or 0
-            for r, info in attempt.ranks.items()
-            if isinstance(info, dict)
-        }
-        if not steps or min(steps.values()) == max(steps.values()):
-            return []
-        behind = {r // per for r, step in steps.items() if step == min(steps.values())}
-        nodes = [s.get(Node, attempt.node_ids[i]) for i in sorted(behind)]
-        return [n for n in nodes if n is not None]
-
     def _release(self, s: Session, attempt: Attempt) -> None:
         for node_id in attempt.node_ids:
             node = s.get(Node, node_id)
@@ -568,40 +555,16 @@ class Controller:
         s: Session,
         attempt: Attempt,
         cause: str,
-        kind: str,
+        kind: policy.Fault,
         *,
-        blamed: list[Node],
         detected: float,
-        restart: bool = True,
+        node: Node | None = None,
+        error: str | None = None,
     ) -> None:
-        target = AttemptState.FAILED
-        self._set_attempt(s, attempt, target, cause)
-        self._event(
-            s,
-            "fault_detected",
-            cause,
-            attempt=attempt,
-            fault=kind,
-            detected_unix=detected,
-            decided_unix=now(),
-            nodes=[n.name for n in blamed],
+        """End ``attempt`` for a fault seen on ``node`` (see recovery.fail_attempt)."""
+        recovery.fail_attempt(
+            self, s, attempt, cause, kind, detected=detected, node=node, error=error
         )
-        self._release(s, attempt)
-        job = s.get(Job, attempt.job_id)
-        assert job is not None
-        spec = JobSpec.model_validate(job.spec)
-        window = spec.restart.window_s
-        for node in blamed:
-            node.failures = [t for t in node.failures if t > now() - window] + [now()]
-            if len(node.failures) >= spec.restart.node_failures_to_quarantine:
-                self._set_node(
-                    s,
-                    node,
-                    NodeState.QUARANTINED,
-                    f"{len(node.failures)} failures within {window:.0f} s, last: {cause}",
-                )
-        if restart and JobState(job.state) not in TERMINAL_JOB_STATES:
-            self._set_job(s, job, JobState.RECOVERING, cause)
 
     # -- people
 
@@ -615,7 +578,7 @@ class Controller:
                 state=JobState.QUEUED,
                 reason="submitted",
                 restarts=[],
-                created_unix=now(),
+                created_unix=self.clock(),
             )
             s.add(job)
             s.flush()
@@ -634,7 +597,7 @@ class Controller:
                     self._set_attempt(s, attempt, AttemptState.STOPPING, "job cancelled")
                     self._set_attempt(s, attempt, AttemptState.STOPPED, "job cancelled")
                     self._release(s, attempt)
-            self._set_job(s, job, JobState.CANCELLED, "cancelled by a user")
+            self._set_job(s, job, JobState.CANCELLED, "cancelled by a user", EndKind.CANCELLED)
 
     def drain(self, node_id: int, drain: bool) -> None:
         with self.lock, self.sessions.begin() as s:
@@ -658,10 +621,12 @@ class Controller:
     def reconcile(self) -> None:
         with self.lock, self.sessions.begin() as s:
             self._check_liveness(s)
+            for node in s.scalars(select(Node).where(Node.recheck_unix.is_not(None))):
+                recovery.settle_recheck(self, s, node)  # verdicts that come by time: none in time
             for job in s.scalars(
                 select(Job).where(Job.state == JobState.RECOVERING).order_by(Job.id)
             ):
-                self._recover(s, job)
+                recovery.recover(self, s, job)
             for job in s.scalars(
                 select(Job)
                 .where(Job.state == JobState.QUEUED)
@@ -671,7 +636,7 @@ class Controller:
                     break  # strict priority order: nothing jumps the queue's head
 
     def _check_liveness(self, s: Session) -> None:
-        deadline = now() - self.config.node_lost_after_s
+        deadline = self.clock() - self.config.node_lost_after_s
         for node in s.scalars(select(Node)):
             state = NodeState(node.state)
             if state == NodeState.DRAINING and node.attempt_id is None:
@@ -679,17 +644,17 @@ class Controller:
             heard = max(node.last_heartbeat_unix, self.started_unix)
             if state not in LIVE_NODE_STATES or heard >= deadline:
                 continue
-            silent = now() - node.last_heartbeat_unix
+            silent = self.clock() - node.last_heartbeat_unix
             self._set_node(s, node, NodeState.LOST, f"no heartbeat for {silent:.1f} s")
             self._fail_node_attempt(
-                s, node, f"node lost: {node.name} silent for {silent:.1f} s", "node_lost"
+                s, node, f"node lost: {node.name} silent for {silent:.1f} s", policy.Fault.NODE_LOST
             )
 
-    def _fail_node_attempt(self, s: Session, node: Node, cause: str, kind: str) -> None:
+    def _fail_node_attempt(self, s: Session, node: Node, cause: str, kind: policy.Fault) -> None:
         """The node is at fault: fail the attempt it runs (blaming it) and detach it."""
         attempt = s.get(Attempt, node.attempt_id) if node.attempt_id is not None else None
         if attempt is not None and attempt.state not in TERMINAL_ATTEMPT_STATES:
-            self._fail_attempt(s, attempt, cause, kind, blamed=[node], detected=now())
+            self._fail_attempt(s, attempt, cause, kind, node=node, detected=self.clock())
         node.attempt_id = None
 
     def _free_nodes(self, s: Session) -> list[Node]:
@@ -706,57 +671,10 @@ class Controller:
         self._start_attempt(s, job, free[: spec.nodes], "scheduled")
         return True
 
-    def _recover(self, s: Session, job: Job) -> None:
-        spec = JobSpec.model_validate(job.spec)
-        window = spec.restart.window_s
-        recent = [t for t in job.restarts if t > now() - window]
-        if len(recent) >= spec.restart.max_restarts:
-            self._set_job(
-                s,
-                job,
-                JobState.FAILED,
-                f"restart limit: {len(recent)} restarts within {window:.0f} s",
-            )
-            return
-        last = s.scalar(
-            select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number.desc())
-        )
-        free = {n.id: n for n in self._free_nodes(s)}
-        if last is not None and last.ended_unix is not None:
-            # A failure is often the first sign of a dead node: its peers' collectives fail at
-            # once, but it is declared lost only node_lost_after_s later. So a node of the failed
-            # attempt is trusted again only once it heartbeated after the failure (other nodes:
-            # within two heartbeats); wait that long for it, then go on without the silent ones.
-            ended, recent_s = last.ended_unix, 2 * self.config.heartbeat_interval_s
-            previous = set(last.node_ids)
-
-            def proven(n: Node) -> bool:
-                since = ended if n.id in previous else now() - recent_s
-                return n.last_heartbeat_unix >= since
-
-            waiting = [n for i, n in free.items() if i in previous and not proven(n)]
-            if waiting and now() < ended + recent_s:
-                return
-            free = {i: n for i, n in free.items() if proven(n)}
-        chosen: list[Node] = []
-        if last is not None and spec.restart.in_place_first:
-            chosen = [free.pop(i) for i in last.node_ids if i in free]
-        replacements = sorted(free.values(), key=lambda n: (len(n.failures), n.id))
-        chosen += replacements[: spec.nodes - len(chosen)]
-        if len(chosen) < spec.nodes:
-            if job.reason.startswith("waiting") is False:
-                job.reason = f"waiting for {spec.nodes - len(chosen)} healthy node(s)"
-                self._event(s, "job_waiting", job.reason, job=job)
-            return
-        replaced = [n.name for n in chosen if last is None or n.id not in last.node_ids]
-        job.restarts = [*recent, now()]
-        cause = "restart in place" if not replaced else f"restart with {', '.join(replaced)}"
-        self._start_attempt(s, job, chosen, cause)
-
     def _plan_restore(self, s: Session, job: Job, nodes: list[Node]) -> dict[str, Any] | None:
         """Where each rank of the new attempt finds the newest step held in memory, if any."""
         spec = JobSpec.model_validate(job.spec)
-        alive_since = now() - self.config.node_lost_after_s
+        alive_since = self.clock() - self.config.node_lost_after_s
         holdings: dict[int, list[dict[str, Any]]] = {}
         urls: dict[int, str] = {}
         for node in s.scalars(select(Node).where(Node.last_heartbeat_unix >= alive_since)):
@@ -794,7 +712,7 @@ class Controller:
             node_ids=[n.id for n in nodes],
             master_addr=nodes[0].address,
             master_port=random.randint(self.config.port_min, self.config.port_max),
-            created_unix=now(),
+            created_unix=self.clock(),
             end_cause="",
             ranks={},
             metrics={},
@@ -807,7 +725,7 @@ class Controller:
             node.attempt_id = attempt.id
             self._set_node(s, node, NodeState.BUSY, f"attempt {attempt.id} of job {job.name}")
         if job.started_unix is None:
-            job.started_unix = now()
+            job.started_unix = self.clock()
         self._set_job(s, job, JobState.STARTING, f"attempt {number}: {cause}")
         self._event(
             s,
