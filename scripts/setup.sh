@@ -21,5 +21,27 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     echo "== installing ${IRONPOD_TORCH:-torch==2.13.0}"
     "${pip[@]}" install -q "${IRONPOD_TORCH:-torch==2.13.0}"
 fi
-echo "== installing ironpod and its dev tools"
-"${pip[@]}" install -q -e ".[dev]"
+# The compat extra (transformers, lightning, accelerate, deepspeed; tests/compat) comes along
+# unless IRONPOD_COMPAT=0. DeepSpeed ships only an sdist whose setup.py imports torch: built in
+# an isolated environment it would pull an unpinned torch (GBs of CUDA wheels), so it is built
+# first against the venv's torch (--no-build-isolation), without its C++ ops (DS_BUILD_OPS=0;
+# they compile on first use).
+extras=dev
+if [ "${IRONPOD_COMPAT:-1}" != 0 ]; then
+    extras=dev,compat
+    deepspeed=$(.venv/bin/python - <<'PY'
+import tomllib
+extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["compat"]
+print(next(req for req in extra if req.startswith("deepspeed")))
+PY
+)
+    have=$(.venv/bin/python -c 'from importlib import metadata as m; print(m.version("deepspeed"))' \
+        2>/dev/null || true)
+    if [ "deepspeed==$have" != "$deepspeed" ]; then
+        echo "== building $deepspeed against the venv's torch"
+        "${pip[@]}" install -q "setuptools>=70.1"
+        DS_BUILD_OPS=0 "${pip[@]}" install -q --no-build-isolation "$deepspeed"
+    fi
+fi
+echo "== installing ironpod and its tools ($extras)"
+DS_BUILD_OPS=0 "${pip[@]}" install -q -e ".[$extras]"
