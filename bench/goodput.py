@@ -13,7 +13,8 @@ once more without faults, in the same invocation:
   gloo with a 60 s timeout, its own ``torch.save`` checkpoint every 25 steps), 300 steps on one
   node x 2 ranks, 3 crashes and 1 hang. Systems: ``ironpod-launch`` (``ironpod launch
   --nproc-per-node 2 --max-restarts 20 script.py``, nothing else) and ``torchrun``
-  (``torchrun --standalone --nproc-per-node 2 --max-restarts 20 script.py``).
+  (``torchrun --standalone --nproc-per-node 2 --max-restarts 20 script.py``), and
+  ``torchrun-fresh``, the same with a fresh worker store per restart (see below).
 * ``recipe``: the GPT recipe (``ironpod.train``: beacons, its checkpointer), tiny preset, DDP
   over gloo, 2 nodes x 1 rank, a checkpoint every 20 steps, 240 steps, 2 crashes, 1 hang and 1
   node loss. Systems: ``ironpod`` (a standing local cluster, ``ironpod up``, with a spare per
@@ -161,7 +162,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--script-every", type=int, help="its checkpoint every N steps (25)")
     g.add_argument("--script-crashes", type=int, help="worker SIGKILLs (default 3)")
     g.add_argument("--script-hangs", type=int, help="worker SIGSTOPs (default 1)")
-    g.add_argument("--script-systems", help="from ironpod-launch, torchrun (both)")
+    g.add_argument("--script-systems", help="from ironpod-launch, torchrun(-fresh) (all)")
     g = p.add_argument_group("recipe workload")
     g.add_argument("--steps", type=int, help="training steps (default 240)")
     g.add_argument("--checkpoint-every", type=int, help="K: save every K steps (default 20)")
@@ -189,7 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
     for key, allowed in (
         ("recipe_systems", {"ironpod", "ironpod-memory", "torchrun", "torchrun-fresh"}),
-        ("script_systems", {"ironpod-launch", "torchrun"}),
+        ("script_systems", {"ironpod-launch", "torchrun", "torchrun-fresh"}),
     ):
         chosen = [s.strip() for s in getattr(args, key).split(",") if s.strip()]
         if not chosen or set(chosen) - allowed:

@@ -1,7 +1,8 @@
 """bench/goodput.py still runs end to end. A smoke test: its timings are never asserted.
 
 ``--quick`` runs both workloads briefly, each system once with one crash and once without:
-the unmodified script under ``ironpod launch`` and ``torchrun --standalone`` (30 steps), the
+the unmodified script under ``ironpod launch`` and ``torchrun --standalone`` with a fresh
+store (30 steps), the
 GPT recipe under a local cluster and torchrun with a fresh store (30 short steps). About two
 minutes on an idle 2-core machine; the timeouts leave room for a loaded one.
 """
@@ -35,7 +36,7 @@ def test_goodput_bench_quick(tmp_path: Path) -> None:
     runs = [(r["workload"], r["system"], r["fault_free"]) for r in raw["runs"]]
     assert runs == [
         ("script", "ironpod-launch", False),
-        ("script", "torchrun", False),
+        ("script", "torchrun-fresh", False),
         ("script", "ironpod-launch", True),
         ("script", "torchrun", True),
         ("recipe", "ironpod", False),

@@ -296,7 +296,8 @@ class Launch(System):
             self.proc = subprocess.Popen(
                 cmd,
                 cwd=self.root,
-                env=clean_env(**self.work.env),
+                # its job directory (a fresh one per invocation) goes under the run's folder
+                env=clean_env(**self.work.env, TMPDIR=str(self.root)),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
