@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,8 +17,9 @@ WORKER = """
 import time, ironpod.train as it
 from ironpod.train import beacon
 ctx = it.init(device="cpu")
-print("announced", beacon._announce, flush=True)
 def stuck_in_a_collective():
+    # Announced from in here: the test's SIGUSR1 may land before the sleep, but in this frame.
+    print("announced", beacon._announce, flush=True)
     time.sleep(60)
 stuck_in_a_collective()
 """
@@ -35,17 +37,31 @@ def test_sigusr1_fallback_writes_the_stacks_into_the_workers_log(
         stderr=subprocess.PIPE,
         text=True,
     )
+    err: list[str] = []
+    assert proc.stdout is not None and proc.stderr is not None
+
+    def read() -> None:
+        for line in proc.stderr or ():
+            err.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        assert proc.stdout is not None
         assert "'stacks_sigusr1': 1" in proc.stdout.readline()
         note = stacks.capture_stacks([proc.pid], sigusr1_pid=proc.pid)
         assert "sent SIGUSR1" in note
-        time.sleep(1.0)
+        # On a busy machine the dump may take a while to be scheduled: wait for it (a fixed
+        # sleep raced it), then check that the worker lives on.
+        deadline = time.monotonic() + 60
+        while not any("stuck_in_a_collective" in line for line in err):
+            assert time.monotonic() < deadline, f"no stacks in 60 s: {''.join(err)}"
+            assert proc.poll() is None, f"the worker died of SIGUSR1: {''.join(err)}"
+            time.sleep(0.05)
         assert proc.poll() is None  # the handler dumped stacks; the worker lives on
     finally:
         proc.kill()
-        _, err = proc.communicate(timeout=10)
-    assert "stuck_in_a_collective" in err
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
 
 
 def test_checkpoint_stall_is_counted_once_per_step() -> None:
