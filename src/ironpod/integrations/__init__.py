@@ -30,13 +30,19 @@ class StopRequest:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._previous: Any = None
+        self._chain = True
         self._installed = False
 
-    def install(self) -> None:
-        """Take SIGTERM (main thread only; elsewhere signals cannot be handled)."""
+    def install(self, *, chain: bool = True) -> None:
+        """Take SIGTERM (main thread only; elsewhere signals cannot be handled).
+
+        ``chain``: the handler found there hears the signal too (ironpod.train's, a user's);
+        off where that handler would act on it in a way of its own (Lightning's exits 0).
+        """
         if self._installed or threading.current_thread() is not threading.main_thread():
             return
         self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        self._chain = chain
         self._installed = True
 
     def uninstall(self) -> None:
@@ -70,5 +76,5 @@ class StopRequest:
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self._event.set()
         # ironpod.train's own handler (a script that also calls it.init()) hears it too.
-        if callable(self._previous):
+        if self._chain and callable(self._previous):
             self._previous(signum, frame)

@@ -8,8 +8,9 @@ After the batch during which SIGTERM arrived (on any rank), every rank writes
 ``<dirpath>/last.ckpt`` with ``trainer.save_checkpoint`` (a collective call in Lightning, so
 all ranks make it) and sets ``trainer.should_stop``; when ``fit`` returns, the process exits
 with EXIT_PREEMPTED (``exit_on_stop``). ``ckpt_path="last"`` finds that file on the rerun.
-Lightning's own SIGTERM handling (its SLURM/elastic environments) is replaced while the fit
-runs, so the stop is a save rather than a bare exit.
+Lightning's own SIGTERM handler is replaced while the fit runs: Lightning 2.6's broadcasts from
+inside the signal handler, then ends the fit with ``SIGTERMException``, a ``SystemExit`` with
+code 0, and no checkpoint: a supervisor would take the preempted run for a finished one.
 
 lightning loads when ``IronpodCallback`` is first looked up (PEP 562), not with this module;
 ``lightning`` is tried first, then the older ``pytorch_lightning`` package name.
@@ -57,7 +58,7 @@ def _build() -> type:
             self.stopped_at: int | None = None
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.stop.install()
+            self.stop.install(chain=False)  # after Lightning registered its own at fit start
 
         def on_train_batch_end(
             self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
