@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -224,3 +225,31 @@ def test_controller_restart_leaves_the_running_job_alone(
     assert not [e for e in api.all_events(after=before[-1]["id"]) if e["kind"] == "node_lost"]
     timings = {"controller_down_s": back - killed, "progress_seen_s": seen - killed}
     ru.report("controller restart", timings, step_when_back=at_restart, attempts=1)
+
+
+@pytest.mark.parametrize(
+    ("command", "workdir", "said"),
+    [
+        (["ironpod-no-such-command"], None, "cannot start: 'ironpod-no-such-command' in "),
+        ([sys.executable, "-c", "pass"], "/ironpod/no/such/dir", "cannot start: workdir "),
+    ],
+)
+def test_a_command_that_cannot_start_fails_at_once_in_one_line(
+    api: IronpodClient,
+    cache_dir: Path,
+    tmp_path: Path,
+    command: list[str],
+    workdir: str | None,
+    said: str,
+) -> None:
+    """Exit 127 from the agent (a failed exec, a missing workdir): no restart, end_kind
+    no_restart, and the reason names what cannot start."""
+    spec = {**spec_for(f"cannot-start-{len(command)}", tmp_path, cache_dir), "command": command}
+    if workdir is not None:
+        spec["workdir"] = workdir
+    with job(api, spec) as name:
+        view = ru.wait_terminal(api, name, JOB_TIMEOUT_S)
+    assert view["state"] == "failed" and view.get("end_kind") == "no_restart", view["reason"]
+    assert view["reason"].startswith(said) and view["reason"].endswith("(exit 127)"), view
+    assert "\n" not in view["reason"]
+    assert len(view.get("attempts") or []) == 1

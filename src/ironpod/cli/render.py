@@ -164,7 +164,9 @@ def job_summary(job: JobView) -> Table:
         (
             "restart policy",
             f"at most {restart.get('max_restarts')} restarts in {restart.get('window_s')} s; "
-            f"hang after {f'{hang} s' if hang else 'a derived timeout'} without progress",
+            f"hang after {f'{hang} s' if hang else 'a derived timeout'} without progress; "
+            f"{restart.get('max_failures_without_progress', 3)} identical failures before any "
+            "step end it",
         ),
         ("submitted", clock(job["created_unix"])),
         ("started", clock(job["started_unix"])),

@@ -58,6 +58,9 @@ LIVE_NODE_STATES = {
     NodeState.DRAINING,
 }
 
+#: States in which a node's pending deep recheck (``Node.recheck_unix``) is asked for.
+RECHECKED = {NodeState.SUSPECT, NodeState.QUARANTINED}
+
 
 @dataclass(kw_only=True, slots=True)
 class ControllerConfig:
@@ -274,9 +277,9 @@ class Controller:
                     self._check_stragglers(s, attempt)
             # A node out for a failed check, or blamed too often, is rechecked with the deep
             # suite, not the light one.
-            recheck = node.recheck_unix is not None or (
-                NodeState(node.state) == NodeState.QUARANTINED
-                and node.reason.startswith(health.REASON_PREFIX)
+            state = NodeState(node.state)
+            recheck = (node.recheck_unix is not None and state in RECHECKED) or (
+                state == NodeState.QUARANTINED and node.reason.startswith(health.REASON_PREFIX)
             )
             return self._reply(s, node).model_copy(
                 update={"time_unix": self.clock(), "health_recheck": recheck}
