@@ -81,10 +81,10 @@ WORKER = textwrap.dedent(
         print(f"EXIT_AT {time.time()!r}", flush=True)
         os._exit(3)
     elif mode == "hang":
-        if rank in (10, 12):
+        if rank in (10, 12):  # straight into wait_forever after step 3: the test stops it there
             for step in range(1, 4):
-                line(step)
                 time.sleep(0.1)
+                line(step)
         wait_forever()
     elif mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -443,12 +443,14 @@ def test_hangs_reported_once_with_stacks(
     for rank in (10, 12):
         received, event = by_rank[rank]
         assert event.detail.startswith("no progress for 2.") and event.detail.endswith(
-            "(timeout 2.0 s), last step 3"
+            ", timeout 2.0 s = hang_timeout_s, last step 3"
         )
         late = received - status[rank].last_progress_unix - 2.0
         print(f"rank {rank}: hang event received {late * 1000:.0f} ms after the 2 s timeout")
         assert late < 2.0
-    assert by_rank[11][1].detail.endswith("(timeout 3.0 s), last step None")
+    assert by_rank[11][1].detail.endswith(
+        "timeout 3.0 s = startup_timeout_s, no progress yet, last step None"
+    )
 
     for rank in (10, 11, 12):
         log = (agent.workdir / "logs" / "attempt-1" / f"rank-{rank}.log").read_text()
@@ -597,21 +599,32 @@ def test_refuses_a_busy_workdir_or_port(
 
 
 def test_hang_rule() -> None:
+    """More rule cases (the longest recent gap, the step hook) are in test_step_hook.py."""
     a = make_assignment(Path("/tmp"), "x").model_copy(
         update={"hang_floor_s": 5.0, "hang_factor": 10.0, "startup_timeout_s": 60.0}
     )
     p = RankProgress()
     assert p.overdue(a, started_unix=0.0, now=59.0) is None
-    assert p.overdue(a, started_unix=0.0, now=61.0) == (61.0, 60.0)
+    assert p.overdue(a, started_unix=0.0, now=61.0) == (
+        61.0,
+        60.0,
+        "startup_timeout_s, no progress yet",
+    )
     assert p.record(ProgressUpdate(t=100.0, step=1, metrics={})) is True
     assert p.overdue(a, 0.0, now=150.0) is None  # one step: no median yet, startup timeout
     for step, t in ((2, 101.0), (2, 101.2), (4, 103.0)):  # a repeat only refreshes the time
         assert p.record(ProgressUpdate(t=t, step=step, metrics={"loss": 1.0})) is False
     assert p.median_step_s() == 1.0 and p.last_step == 4
-    assert p.overdue(a, 0.0, now=112.0) is None
-    assert p.overdue(a, 0.0, now=114.0) == (11.0, 10.0)
+    # The hang rule takes the gaps between reports (1.0 s, 1.8 s), not the time per step: a
+    # script that reports every other step is silent for two steps between reports.
+    assert p.median_gap_s() == pytest.approx(1.4)
+    assert p.overdue(a, 0.0, now=116.0) is None
+    late = p.overdue(a, 0.0, now=118.0)
+    assert late is not None and late[:2] == (15.0, pytest.approx(14.0))
+    assert late.rule == "10 x median step 1.40 s"
+    assert p.overdue(a.model_copy(update={"hang_floor_s": 20.0}), 0.0, now=118.0) is None
     fixed = a.model_copy(update={"hang_timeout_s": 2.0})
-    assert p.overdue(fixed, 0.0, now=105.5) == (2.5, 2.0)
+    assert p.overdue(fixed, 0.0, now=105.5) == (2.5, 2.0, "hang_timeout_s")
 
 
 def test_line_matcher() -> None:

@@ -40,8 +40,12 @@ class RestartPolicy(_Strict):
         gt=0,
         description="no progress for this long is a hang; None: derived from step times",
     )
-    hang_floor_s: float = Field(30.0, gt=0, description="smallest derived hang timeout")
-    hang_factor: float = Field(10.0, gt=1, description="derived timeout = factor x median step")
+    hang_floor_s: float = Field(1.0, gt=0, description="smallest derived hang timeout")
+    hang_factor: float = Field(
+        3.0,
+        gt=1,
+        description="derived timeout = max(factor x median step, 2 x longest recent step, floor)",
+    )
     startup_timeout_s: float = Field(
         600.0, gt=0, description="time allowed from start to the first progress"
     )

@@ -4,7 +4,18 @@ Progress reaches the agent twice for a script that uses ``ironpod.train.progress
 datagram and as the log line printed next to it. Either counts; a repeat of the step already
 seen only refreshes the time, so step durations are not halved. An unmodified script matched
 by ``progress_regex`` may give no step number: each matching line then counts as one step for
-the timing, and ``last_step`` stays what it was.
+the timing, and ``last_step`` stays what it was. The step hook (:mod:`ironpod.agent.stephook`)
+reports optimizer steps of scripts that report nothing themselves; once a rank reports its own
+progress (a beacon of ``ironpod.train``, a progress line, the regex), the hook's beacons only
+refresh the time, so the script's own step numbers are the ones kept.
+
+The hang rule (:meth:`RankProgress.overdue`): a rank is hung when nothing came from it for
+longer than ``max(factor x median gap, LONGEST_MARGIN x longest recent gap, floor)``, where a
+gap is the time between two progress reports. The longest gap of the last hour keeps a periodic
+checkpoint or evaluation pass from being taken for a hang once it has been seen. A rank whose
+step hook says it is busy (it used CPU in the last ``BUSY_FRESH_S``: an evaluation, a
+checkpoint, the teardown after its last step) gets the longer ``max(BUSY_FACTOR x median gap,
+BUSY_FLOOR_S)`` instead: a stopped process, or one waiting in a collective, uses no CPU.
 """
 
 from __future__ import annotations
@@ -13,12 +24,25 @@ import re
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ironpod.train.beacon import Metric, parse_progress_line
 from ironpod.wire import Assignment
 
 #: Step durations kept per rank for the median (the hang rule and stragglers).
 RECENT_STEPS = 20
+#: The derived hang timeout is at least this many times the longest gap of the last
+#: ``LONGEST_WINDOW_S``: a slow step that recurs (a checkpoint, an evaluation pass) is no hang.
+LONGEST_MARGIN = 2.0
+LONGEST_WINDOW_S = 3600.0
+#: The first gaps after the first report (warm-up, compilation, a cold cache) do not recur:
+#: they count for the median, not for the longest gap.
+WARMUP_GAPS = 3
+#: A busy pulse this recent makes the rank busy (the hook pulses every 0.25 s while it is).
+BUSY_FRESH_S = 1.0
+#: The timeout of a busy rank: the rule ironpod had before the step hook.
+BUSY_FACTOR = 10.0
+BUSY_FLOOR_S = 30.0
 #: The progress metric with a rank's own compute seconds in a step (no collective waits).
 COMPUTE_METRIC = "compute_s"
 #: Keys of a beacon or progress line that are not metrics.
@@ -30,6 +54,21 @@ class ProgressUpdate:
     t: float
     step: int | None
     metrics: dict[str, float | int]
+    #: From the step hook: ``step`` counts optimizer steps since the process started.
+    hook: bool = False
+    #: The hook's pulse: the process used CPU lately (not a step; ``step`` is the hook's count).
+    busy: bool = False
+    #: The hook's last word: the process is exiting (busy from now on).
+    exiting: bool = False
+
+
+class Overdue(NamedTuple):
+    """A rank past its timeout: how long it has been silent, the timeout, and which rule set
+    it (``3 x median gap 0.10 s``, ``floor hang_floor_s``, ...), for the hang event."""
+
+    silent: float
+    timeout: float
+    rule: str
 
 
 @dataclass(slots=True)
@@ -44,11 +83,38 @@ class RankProgress:
     #: show only in the time each spends computing rather than waiting in collectives.
     compute_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     metrics: dict[str, float | int] = field(default_factory=dict)
+    #: Gaps between successive progress reports, for the hang rule (not divided by steps: a
+    #: script that reports every 10th step is silent for 10 steps between reports).
+    gaps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    #: (end time, gap) of the gaps of the last LONGEST_WINDOW_S, longest first and each one
+    #: longer than all that ended after it (a sliding-window maximum: O(1) per report).
+    _longest: deque[tuple[float, float]] = field(default_factory=deque)
+    _gaps_seen: int = 0
+    #: The rank reports its own progress: the step hook's beacons only refresh the time.
+    explicit: bool = False
+    last_busy_unix: float | None = None
+    exiting: bool = False
 
     def record(self, update: ProgressUpdate) -> bool:
         """Take one progress report; True if it is this rank's first."""
         first = self.first_progress_unix is None
         t = update.t
+        if update.busy:
+            self.last_busy_unix = max(t, self.last_busy_unix or t)
+            self.exiting = self.exiting or update.exiting
+            return False
+        if update.hook and self.explicit:
+            if self.last_progress_unix is not None:
+                self.last_progress_unix = max(t, self.last_progress_unix)
+            return False
+        if not update.hook and not self.explicit:
+            self.explicit = True
+            # The hook's count is not the script's step number: no duration across the switch.
+            self.last_step = self.last_step_unix = None
+        if (
+            update.step is None or update.step != self.last_step
+        ) and self.last_progress_unix is not None:
+            self._add_gap(t, t - self.last_progress_unix)
         if update.step is None:
             if self.last_progress_unix is not None and t > self.last_progress_unix:
                 self.step_seconds.append(t - self.last_progress_unix)
@@ -72,35 +138,83 @@ class RankProgress:
         self.metrics.update(update.metrics)
         return first
 
+    def _add_gap(self, t: float, gap: float) -> None:
+        if gap <= 0:
+            return
+        self.gaps.append(gap)
+        self._gaps_seen += 1
+        if self._gaps_seen <= WARMUP_GAPS:
+            return
+        while self._longest and self._longest[-1][1] <= gap:
+            self._longest.pop()
+        self._longest.append((t, gap))
+
+    def longest_gap_s(self, now: float) -> float | None:
+        """The longest gap between reports that ended in the last hour (warm-up excluded)."""
+        while self._longest and self._longest[0][0] < now - LONGEST_WINDOW_S:
+            self._longest.popleft()
+        return self._longest[0][1] if self._longest else None
+
     def median_step_s(self) -> float | None:
         return statistics.median(self.step_seconds) if self.step_seconds else None
+
+    def median_gap_s(self) -> float | None:
+        return statistics.median(self.gaps) if self.gaps else None
 
     def median_compute_s(self) -> float | None:
         return statistics.median(self.compute_seconds) if self.compute_seconds else None
 
-    def overdue(
-        self, assignment: Assignment, started_unix: float, now: float
-    ) -> tuple[float, float] | None:
-        """(seconds without progress, timeout) when the rank is past its timeout, else None.
+    def overdue(self, assignment: Assignment, started_unix: float, now: float) -> Overdue | None:
+        """The rank's silence and timeout when it is past the timeout, else None.
 
         Before the first progress the startup timeout runs from the start. After it: the
-        assignment's fixed ``hang_timeout_s``, else ``max(factor x median step, floor)``; while
-        there is no step duration to take a median of, the startup timeout again (a first step
-        may include compilation and a checkpoint load).
+        assignment's fixed ``hang_timeout_s``, else ``max(hang_factor x median gap,
+        LONGEST_MARGIN x longest recent gap, hang_floor_s)``; while there is no gap to take a
+        median of, the startup timeout again (a first step may include compilation and a
+        checkpoint load).
         """
         if self.last_progress_unix is None:
             since, timeout = started_unix, assignment.startup_timeout_s
+            rule = "startup_timeout_s, no progress yet"
         else:
             since = self.last_progress_unix
-            median = self.median_step_s()
+            median = self.median_gap_s()
             if assignment.hang_timeout_s is not None:
-                timeout = assignment.hang_timeout_s
+                timeout, rule = assignment.hang_timeout_s, "hang_timeout_s"
             elif median is None:
                 timeout = assignment.startup_timeout_s
+                rule = "startup_timeout_s, one report and no step time yet"
             else:
-                timeout = max(assignment.hang_factor * median, assignment.hang_floor_s)
+                timeout, rule = _derived_timeout(
+                    assignment.hang_factor, median, self.longest_gap_s(now), assignment.hang_floor_s
+                )
+                recent = (
+                    self.last_busy_unix is not None and now - self.last_busy_unix <= BUSY_FRESH_S
+                )
+                busy = recent or self.exiting
+                if busy and timeout < max(BUSY_FACTOR * median, BUSY_FLOOR_S):
+                    timeout = max(BUSY_FACTOR * median, BUSY_FLOOR_S)
+                    why = "exiting" if self.exiting else "busy (CPU in use)"
+                    rule = (
+                        f"{why}: max({BUSY_FACTOR:g} x median step {median:.2f} s, "
+                        f"{BUSY_FLOOR_S:g} s)"
+                    )
         silent = now - since
-        return (silent, timeout) if silent > timeout else None
+        return Overdue(silent, timeout, rule) if silent > timeout else None
+
+
+def _derived_timeout(
+    factor: float, median: float, longest: float | None, floor: float
+) -> tuple[float, str]:
+    """The largest of the three terms of the derived timeout, and which one it is."""
+    by_median = factor * median
+    terms = [(by_median, f"{factor:g} x median step {median:.2f} s")]
+    if longest is not None:
+        terms.append(
+            (LONGEST_MARGIN * longest, f"{LONGEST_MARGIN:g} x longest recent step {longest:.2f} s")
+        )
+    terms.append((floor, f"hang_floor_s {floor:g} s (over {factor:g} x median {median:.2f} s)"))
+    return max(terms, key=lambda term: term[0])
 
 
 def numeric_metrics(fields: dict[str, object]) -> dict[str, float | int]:

@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 
 from ironpod.agent.logs import RankLog, log_path
-from ironpod.agent.progress import LineMatcher, ProgressUpdate, numeric_metrics
+from ironpod.agent.progress import LineMatcher, Overdue, ProgressUpdate, numeric_metrics
 from ironpod.agent.stacks import capture_stacks
 from ironpod.agent.worker import Worker, split_returncode, worker_env
 from ironpod.wire import Assignment, WorkerEvent, WorkerStatus
@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 DEFAULT_STOP_GRACE_S = 10.0
 #: ``detail`` of an exit the agent caused (the assignment changed): not a failure.
 STOPPED_BY_AGENT = "stopped by the agent"
-_MONITOR_INTERVAL_S = 0.1
+#: How often the hang rule runs: it adds to the detection time, so it is kept well under the
+#: smallest derived timeout (hang_floor_s, 1 s); one pass is a few comparisons per rank.
+_MONITOR_INTERVAL_S = 0.05
 _KILL_WAIT_S = 5.0
 #: Most processes of one worker whose stacks are dumped on a hang.
 _MAX_STACK_PIDS = 4
@@ -126,6 +128,9 @@ class Supervisor:
             t=float(t) if isinstance(t, int | float) else time.time(),
             step=beacon["step"],
             metrics=numeric_metrics(beacon),
+            hook=beacon.get("src") == "hook",
+            busy=bool(beacon.get("busy")),
+            exiting=bool(beacon.get("exiting")),
         )
         self._on_progress(worker, update)
 
@@ -133,14 +138,18 @@ class Supervisor:
         with self._lock:
             first = worker.progress.record(update)
         if first:
-            log.info("rank %d: first progress (step %s)", worker.rank, update.step)
+            # The controller reads ``step=N`` as the script's step: the hook's count is not one.
+            detail = f"step={update.step}" if update.step is not None else ""
+            if update.hook:
+                detail = f"optimizer step {update.step} (step hook)"
+            log.info("rank %d: first progress (%s)", worker.rank, detail or "no step number")
             self._report(
                 WorkerEvent(
                     attempt_id=worker.attempt_id,
                     rank=worker.rank,
                     kind="first_progress",
                     time_unix=update.t,
-                    detail=f"step={update.step}" if update.step is not None else "",
+                    detail=detail,
                 )
             )
 
@@ -287,18 +296,18 @@ class Supervisor:
                     late = worker.progress.overdue(worker.assignment, worker.started_unix, now)
                     if late is not None:
                         worker.hang_reported = True
-                        hung.append((worker, *late))
-            for worker, silent, timeout in hung:
+                        hung.append((worker, late))
+            for worker, late in hung:
                 threading.Thread(
                     target=self._report_hang,
-                    args=(worker, silent, timeout),
+                    args=(worker, late),
                     name=f"hang-r{worker.rank}",
                     daemon=True,
                 ).start()
 
-    def _report_hang(self, worker: Worker, silent: float, timeout: float) -> None:
+    def _report_hang(self, worker: Worker, late: Overdue) -> None:
         detail = (
-            f"no progress for {silent:.1f} s (timeout {timeout:.1f} s), "
+            f"no progress for {late.silent:.1f} s, timeout {late.timeout:.1f} s = {late.rule}, "
             f"last step {worker.progress.last_step}"
         )
         log.warning("hang detected: rank %d (pid %d): %s", worker.rank, worker.pid, detail)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import IO
 
 from ironpod import env
+from ironpod.agent import stephook
 from ironpod.agent.logs import RankLog
 from ironpod.agent.progress import LineMatcher, ProgressUpdate, RankProgress
 from ironpod.wire import Assignment, WorkerStatus
@@ -98,6 +99,8 @@ def worker_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if stephook.enabled(out):  # a beacon per optimizer step from scripts without ironpod
+        out[stephook.PYTHONPATH] = stephook.pythonpath(out.get(stephook.PYTHONPATH))
     if assignment.max_restarts is not None:
         out[env.TORCHELASTIC_MAX_RESTARTS] = str(assignment.max_restarts)
     if error_file:
