@@ -100,6 +100,7 @@ def compute_medians(api: IronpodClient, job: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # its own deadlines (240 + 180 + 300 s) name what it waited for
 def test_a_cpu_limited_node_is_a_straggler_and_the_job_moves_to_the_spare(
     home: Path, hierarchy: cgroups.Hierarchy, tmp_path: Path
 ) -> None:
