@@ -55,7 +55,9 @@ def api(home: Path) -> Iterator[IronpodClient]:
 
 
 def spec(name: str, root: Path, cache: Path) -> dict[str, Any]:
-    out = ru.job_spec(name, root / "ckpt", cache)
+    # No test here is about hangs: after its last step a rank closes its checkpointer and saves
+    # the final weights, which on a loaded machine took longer than the 4 s hang timeout.
+    out = ru.job_spec(name, root / "ckpt", cache, hang_timeout_s=60.0)
     out["command"] += [
         *("--set", "checkpoint.memory_every=1", "--set", f"checkpoint.every={DURABLE_EVERY}"),
         *("--final-weights", str(root / "final.pt")),
