@@ -176,7 +176,7 @@ def test_a_users_own_sitecustomize_still_runs(tmp_path: Path, receiver: Receiver
 
 
 STEPS_CODE = """
-    import os, sys
+    import os, sys, time
     import torch
 
     model = torch.nn.Linear(2, 2)
@@ -184,6 +184,7 @@ STEPS_CODE = """
     b = torch.optim.Adam(model.parameters())
 
     def iteration(*optimizers):
+        time.sleep(0.06)  # longer than the hook's MIN_SEND_S: every step gets its beacon
         for opt in optimizers:
             model(torch.ones(2)).sum().backward()
             opt.step()
@@ -252,11 +253,17 @@ def test_never_blocks_and_never_raises(
     path = tmp_path / "slow.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(path))  # bound, never read: the queue fills and the rest are dropped
-    beacon = hook.StepBeacon(str(path), rank=0)
     optimizer = object()
+    monkeypatch.setattr(hook, "MIN_SEND_S", 0.0)
+    beacon = hook.StepBeacon(str(path), rank=0)
     for _ in range(200):
         beacon(optimizer, (), {})
     assert beacon.steps == 200 and beacon.sent > 0 and beacon.dropped > 0
+    monkeypatch.setattr(hook, "MIN_SEND_S", 3600.0)  # at most one beacon an hour
+    sparse = hook.StepBeacon(str(path), rank=0)
+    for _ in range(5):
+        sparse(optimizer, (), {})
+    assert (sparse.steps, sparse.sent + sparse.dropped) == (5, 1)
 
     def broken(key: int) -> None:
         raise ValueError("boom")
@@ -284,7 +291,7 @@ def test_never_blocks_and_never_raises(
 
 
 def test_losses_and_parameters_are_bitwise_the_same(receiver: Receiver) -> None:
-    argv = [str(PLAIN), "--steps", "30", "--workers", "2"]
+    argv = [str(PLAIN), "--steps", "30", "--workers", "2", "--step-sleep", "0.06"]
     with_hook = run_hooked(script=argv, socket_path=receiver.path)
     without = run_hooked(script=argv, socket_path=receiver.path, hook_on=False)
     assert with_hook.returncode == 0 and without.returncode == 0, with_hook.stderr
@@ -402,9 +409,11 @@ def test_a_busy_rank_gets_the_longer_timeout() -> None:
     assert late is not None and late.rule == "busy (CPU in use): max(10 x median step 0.10 s, 30 s)"
     fixed = a.model_copy(update={"hang_timeout_s": 2.0})  # a fixed timeout stays fixed
     assert p.overdue(fixed, 0.0, now=t + 29.95) is not None
-    p.record(ProgressUpdate(t=t + 30.0, step=50, metrics={}, hook=True, busy=True, exiting=True))
-    assert p.overdue(a, 0.0, now=t + 30.9) is None  # exiting: busy from now on, CPU or not
-    late = p.overdue(a, 0.0, now=t + 31.0)
+    p = RankProgress()
+    t = steady(p, 1000.0, 50, 0.1)
+    p.record(ProgressUpdate(t=t + 0.5, step=50, metrics={}, hook=True, busy=True, exiting=True))
+    assert p.overdue(a, 0.0, now=t + 20.0) is None  # exiting: busy from then on, CPU or not
+    late = p.overdue(a, 0.0, now=t + 30.5)
     assert late is not None and late.rule.startswith("exiting: max(10 x median")
 
 

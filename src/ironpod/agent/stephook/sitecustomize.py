@@ -9,10 +9,15 @@ sends one datagram to the agent's socket (``IRONPOD_BEACON_SOCKET``)::
     {"rank": 0, "step": 41, "t": 1764650000.123456, "pid": 4242, "src": "hook", "step_s": 0.101}
 
 ``step`` counts steps since the process started, ``step_s`` is the wall time since the previous
-one. A pulse thread also sends ``{..., "busy": 1}`` every ``PULSE_S`` in which the process used
-CPU (at least ``BUSY_CPU_SHARE`` of the interval): a process that is computing between steps
-(an evaluation pass, a checkpoint, the teardown after the last step) is told apart from one
-that is stopped or waits in a collective, which uses none. The agent gives a busy rank the
+one. At most one beacon goes out per ``MIN_SEND_S``: a tiny model's thousands of steps a second
+would otherwise cost a datagram (and an agent wake-up) each and overflow the agent's queue; the
+steps in between are counted in the next beacon's ``step``, so the agent's time per step stays
+exact, and hang detection loses nothing (its smallest timeout is 1 s).
+
+A pulse thread also sends ``{..., "busy": 1}`` every ``PULSE_S`` in which the process used CPU
+(at least ``BUSY_CPU_SHARE`` of the interval): a process that is computing between steps (an
+evaluation pass, a checkpoint, the teardown after the last step) is told apart from one that
+is stopped or waits in a collective, which uses none. The agent gives a busy rank the
 longer timeout (:mod:`ironpod.agent.progress`). At interpreter exit (``atexit``) it sends
 ``{..., "busy": 1, "exiting": 1}``: the teardown that follows (torch's, gloo's: seconds on a
 loaded machine) is idle, and no hang either.
@@ -59,6 +64,8 @@ TARGET = "torch.optim.optimizer"
 #: A process that has imported this reports its own progress: the hook stands down.
 LIBRARY = "ironpod.train"
 _OFF_VALUES = frozenset({"0", "false", "off", "no"})
+#: The shortest time between two step beacons.
+MIN_SEND_S = 0.05
 #: Seconds between two looks at the process's CPU time, and the share of them that is "busy".
 PULSE_S = 0.25
 BUSY_CPU_SHARE = 0.1
@@ -91,6 +98,7 @@ class StepBeacon:
         self._wall = time.time
         self._clock = time.perf_counter
         self._last: float | None = None
+        self._last_sent = float("-inf")
         self._cpu = time.process_time
         self._sleep = time.sleep
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -155,8 +163,9 @@ class StepBeacon:
         step_s = now - self._last if self._last is not None else 0.0
         self._last = now
         self.steps += 1
-        if LIBRARY in sys.modules:
+        if now - self._last_sent < MIN_SEND_S or LIBRARY in sys.modules:
             return
+        self._last_sent = now
         self._send(
             b'{"rank":%d,"step":%d,"t":%.6f,"pid":%d,"src":"hook","step_s":%.6f}'
             % (self.rank, self.steps, self._wall(), self.pid, step_s)
