@@ -21,11 +21,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ironpod import env
-from ironpod.controller import health, policy, recovery
+from ironpod.controller import health, policy, recovery, stragglers
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate
 from ironpod.controller.db import session_factory as make_sessions
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
-from ironpod.controller.stragglers import slow_ranks
 from ironpod.spec import JobSpec
 from ironpod.states import (
     ATTEMPT_TRANSITIONS,
@@ -303,28 +302,13 @@ class Controller:
         if job is None:
             return
         spec = JobSpec.model_validate(job.spec)
-        policy = spec.stragglers
-        medians = {
-            int(r): float(v["median_compute_s"])
-            for r, v in attempt.ranks.items()
-            if v.get("median_compute_s")
-        }
-        slow = slow_ranks(medians, policy.factor)
-        ranks = {r: dict(v) for r, v in attempt.ranks.items()}
-        for key, info in ranks.items():
-            rank, step = int(key), info.get("last_step")
-            if rank not in slow:
-                info.pop("slow_since_step", None)
-                continue
-            since = info.setdefault("slow_since_step", step)
-            if info.get("straggler") or step is None or since is None:
-                continue
-            if step - since >= policy.steps:
-                info["straggler"] = True
-                node = s.get(Node, attempt.node_ids[rank // spec.nproc_per_node])
-                self._straggler(s, job, attempt, node, rank, slow[rank], medians, policy.action)
-        if ranks != attempt.ranks:
-            attempt.ranks = ranks
+        rule = spec.stragglers
+        found = stragglers.check(attempt.ranks, factor=rule.factor, steps=rule.steps)
+        for rank, ratio in found.found.items():
+            node = s.get(Node, attempt.node_ids[rank // spec.nproc_per_node])
+            self._straggler(s, job, attempt, node, rank, ratio, found.medians, rule.action)
+        if found.ranks != attempt.ranks:
+            attempt.ranks = found.ranks
 
     def _straggler(
         self,
