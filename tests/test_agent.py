@@ -507,8 +507,7 @@ def test_controller_outage_and_reregistration_keep_workers(
     try:
         status = wait_for(lambda: (w := first.last_workers()) and w[10].last_step and w[10])
         first.close()  # the controller goes away; the worker exits (4) while it is away
-        time.sleep(2.5)
-        assert gone(status.pid)
+        wait_for(lambda: gone(status.pid), timeout=60, what="the worker's exit during the outage")
         second = FakeController(port=first.port)
         second.assignment = first.assignment
         try:

@@ -158,8 +158,8 @@ class Assignment(_Wire):
     master_addr: str
     master_port: int
     hang_timeout_s: float | None = None
-    hang_floor_s: float = 30.0
-    hang_factor: float = 10.0
+    hang_floor_s: float = 1.0
+    hang_factor: float = 3.0
     startup_timeout_s: float = 600.0
     progress_regex: str | None = None
     replicate_to: list[str] = Field(
