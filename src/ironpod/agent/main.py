@@ -204,6 +204,9 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         threading.Thread(target=self._poke_on, args=(stop,), name="agent-stop", daemon=True).start()
         backoff = Backoff()
+        #: Until it has joined, a controller that is not up yet is most often one starting
+        #: beside it (``ironpod launch``, ``ironpod up``): look again soon, not ever later.
+        joining = Backoff(first_s=0.1, cap_s=0.25)
         outage = False
         rejoins = 0  # re-registrations in a row: only the first goes again without a pause
         while not self.health.first_done.wait(0.1) and not stop.is_set():
@@ -216,7 +219,7 @@ class Agent:
                 if not outage:
                     log.warning("controller unreachable (%s); retrying, workers keep running", exc)
                 outage = True
-                self._sleep(backoff.next())
+                self._sleep((joining if self.node_id is None else backoff).next())
                 continue
             except UnknownNodeError:
                 log.warning("controller does not know node %s: registering again", self.node_id)
