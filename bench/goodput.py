@@ -118,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         script_crashes=1,
         script_hangs=0,
         recipe_systems="ironpod,torchrun-fresh",
-        script_systems="ironpod-launch,torchrun",
+        script_systems="ironpod-launch,torchrun-fresh",
         cap=90.0,
         stall_limit=60.0,
     ),

@@ -280,10 +280,15 @@ class Choice:
     end_kind: EndKind = EndKind.LIVE
 
 
+def _within(window_s: float) -> str:
+    """``within 3600 s``; a window of a year or more is the run's whole life (launch's)."""
+    return "in this run" if window_s >= 365 * 86400 else f"within {window_s:.0f} s"
+
+
 def _budget_spent(f: RecoveryFacts) -> tuple[Choice, str] | None:
     if f.restarts_in_window >= f.max_restarts:
         return Choice(action=Action.FAIL, end_kind=EndKind.RESTART_LIMIT), (
-            f"restart limit: {f.restarts_in_window} restarts within {f.window_s:.0f} s"
+            f"restart limit: {f.restarts_in_window} restarts {_within(f.window_s)}"
         )
     if f.streak >= f.max_failures_without_progress:
         return Choice(action=Action.FAIL, end_kind=EndKind.NO_PROGRESS), (

@@ -299,6 +299,8 @@ def recover(ctl: Controller, s: Session, job: Job) -> None:
         )
     )
     if choice.action == policy.Action.FAIL:
+        if choice.end_kind == EndKind.RESTART_LIMIT and last is not None and last.end_cause:
+            reason = f"{reason}; last: {last.end_cause}"  # what a user acts on
         ctl._set_job(s, job, JobState.FAILED, reason, choice.end_kind)
         return
     if choice.action == policy.Action.WAIT:
