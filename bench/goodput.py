@@ -102,7 +102,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         script_crashes=3,
         script_hangs=1,
         recipe_systems="ironpod,ironpod-memory,torchrun,torchrun-fresh",
-        script_systems="ironpod-launch,torchrun",
+        script_systems="ironpod-launch,torchrun,torchrun-fresh",
         cap=600.0,
         stall_limit=180.0,
     ),
