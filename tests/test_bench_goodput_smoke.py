@@ -19,14 +19,14 @@ from tests.conftest import ROOT, clean_env, python
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_goodput_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "goodput.json"
     work = tmp_path / "work"
     proc = python(
         [str(ROOT / "bench" / "goodput.py"), "--quick", "--dir", str(work), "--json", str(out)],
         env=clean_env(IRONPOD_CACHE_DIR=str(tmp_path / "cache")),
-        timeout=580,
+        timeout=880,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     for title in ("Goodput under faults, script", "Goodput under faults, recipe", "Per fault"):

@@ -406,7 +406,8 @@ def test_a_busy_rank_gets_the_longer_timeout() -> None:
     p.record(ProgressUpdate(t=t + 29.9, step=50, metrics={}, hook=True, busy=True))
     assert p.overdue(a, 0.0, now=t + 29.95) is None
     late = p.overdue(a, 0.0, now=t + 30.5)
-    assert late is not None and late.rule == "busy (CPU in use): max(10 x median step 0.10 s, 30 s)"
+    assert late is not None
+    assert late.rule == "busy (CPU in use on this node): max(10 x median step 0.10 s, 30 s)"
     fixed = a.model_copy(update={"hang_timeout_s": 2.0})  # a fixed timeout stays fixed
     assert p.overdue(fixed, 0.0, now=t + 29.95) is not None
     p = RankProgress()
@@ -415,6 +416,21 @@ def test_a_busy_rank_gets_the_longer_timeout() -> None:
     assert p.overdue(a, 0.0, now=t + 20.0) is None  # exiting: busy from then on, CPU or not
     late = p.overdue(a, 0.0, now=t + 30.5)
     assert late is not None and late.rule.startswith("exiting: max(10 x median")
+
+
+def test_a_rank_waiting_for_a_busy_peer_on_its_node_is_no_hang() -> None:
+    """Rank 1 waits idle in a collective while rank 0 (same node) evaluates or is slowed by a
+    busy machine: the peer's CPU counts; when every rank here is idle, the fast rule holds."""
+    a = policy_assignment()
+    waiting, peer = RankProgress(), RankProgress()
+    t = steady(waiting, 1000.0, 50, 0.1)
+    peer.record(ProgressUpdate(t=t + 4.5, step=50, metrics={}, hook=True, busy=True))
+    assert waiting.overdue(a, 0.0, now=t + 5.0, peers=peer) is None
+    late = waiting.overdue(a, 0.0, now=t + 5.0, peers=RankProgress())  # both idle: stopped
+    assert late is not None and late.rule.startswith("hang_floor_s")
+    assert waiting.overdue(a, 0.0, now=t + 6.0, peers=peer) is not None  # pulses 1.5 s old
+    peer.record(ProgressUpdate(t=t + 6.0, step=50, metrics={}, hook=True, busy=True, exiting=True))
+    assert waiting.overdue(a, 0.0, now=t + 20.0, peers=peer) is None  # the peer tears down
 
 
 def test_the_scripts_own_step_numbers_win_over_the_hooks() -> None:

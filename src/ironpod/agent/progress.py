@@ -164,7 +164,13 @@ class RankProgress:
     def median_compute_s(self) -> float | None:
         return statistics.median(self.compute_seconds) if self.compute_seconds else None
 
-    def overdue(self, assignment: Assignment, started_unix: float, now: float) -> Overdue | None:
+    def overdue(
+        self,
+        assignment: Assignment,
+        started_unix: float,
+        now: float,
+        peers: RankProgress | None = None,
+    ) -> Overdue | None:
         """The rank's silence and timeout when it is past the timeout, else None.
 
         Before the first progress the startup timeout runs from the start. After it: the
@@ -172,6 +178,12 @@ class RankProgress:
         LONGEST_MARGIN x longest recent gap, hang_floor_s)``; while there is no gap to take a
         median of, the startup timeout again (a first step may include compilation and a
         checkpoint load).
+
+        ``peers`` holds what the other ranks of the attempt on this node said of being busy or
+        exiting (their latest ``last_busy_unix``, any ``exiting``): a rank that waits in a
+        collective uses no CPU while its peer computes (a long evaluation on rank 0, a peer
+        slowed by a busy machine, the peer's teardown), so the busy rule is the node's, not
+        the rank's alone. A stopped rank and its waiting peers are all idle.
         """
         if self.last_progress_unix is None:
             since, timeout = started_unix, assignment.startup_timeout_s
@@ -188,13 +200,16 @@ class RankProgress:
                 timeout, rule = _derived_timeout(
                     assignment.hang_factor, median, self.longest_gap_s(now), assignment.hang_floor_s
                 )
-                recent = (
-                    self.last_busy_unix is not None and now - self.last_busy_unix <= BUSY_FRESH_S
+                busy_at = max(
+                    (t for t in (self.last_busy_unix, peers and peers.last_busy_unix) if t),
+                    default=None,
                 )
-                busy = recent or self.exiting
+                recent = busy_at is not None and now - busy_at <= BUSY_FRESH_S
+                exiting = self.exiting or bool(peers and peers.exiting)
+                busy = recent or exiting
                 if busy and timeout < max(BUSY_FACTOR * median, BUSY_FLOOR_S):
                     timeout = max(BUSY_FACTOR * median, BUSY_FLOOR_S)
-                    why = "exiting" if self.exiting else "busy (CPU in use)"
+                    why = "exiting" if exiting else "busy (CPU in use on this node)"
                     rule = (
                         f"{why}: max({BUSY_FACTOR:g} x median step {median:.2f} s, "
                         f"{BUSY_FLOOR_S:g} s)"

@@ -29,7 +29,13 @@ from typing import Any
 import psutil
 
 from ironpod.agent.logs import RankLog, log_path
-from ironpod.agent.progress import LineMatcher, Overdue, ProgressUpdate, numeric_metrics
+from ironpod.agent.progress import (
+    LineMatcher,
+    Overdue,
+    ProgressUpdate,
+    RankProgress,
+    numeric_metrics,
+)
 from ironpod.agent.stacks import capture_stacks
 from ironpod.agent.worker import Worker, split_returncode, worker_env
 from ironpod.wire import Assignment, WorkerEvent, WorkerStatus
@@ -290,10 +296,14 @@ class Supervisor:
             now = time.time()
             with self._lock:
                 hung = []
+                running = [w for w in self._workers.values() if w.running]
                 for worker in self._workers.values():
                     if worker.hang_reported or worker.stopping or not worker.running:
                         continue
-                    late = worker.progress.overdue(worker.assignment, worker.started_unix, now)
+                    peers = _peers_busy(worker, running)
+                    late = worker.progress.overdue(
+                        worker.assignment, worker.started_unix, now, peers
+                    )
                     if late is not None:
                         worker.hang_reported = True
                         hung.append((worker, late))
@@ -475,3 +485,17 @@ def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> None:
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.02)
+
+
+def _peers_busy(worker: Worker, running: list[Worker]) -> RankProgress:
+    """What the attempt's other ranks here said of being busy: the newest busy pulse, and
+    whether any is exiting (see :meth:`RankProgress.overdue`)."""
+    out = RankProgress()
+    for peer in running:
+        if peer is worker or peer.attempt_id != worker.attempt_id:
+            continue
+        p = peer.progress
+        if p.last_busy_unix is not None:
+            out.last_busy_unix = max(p.last_busy_unix, out.last_busy_unix or p.last_busy_unix)
+        out.exiting = out.exiting or p.exiting
+    return out

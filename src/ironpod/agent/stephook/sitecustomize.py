@@ -68,7 +68,9 @@ _OFF_VALUES = frozenset({"0", "false", "off", "no"})
 MIN_SEND_S = 0.05
 #: Seconds between two looks at the process's CPU time, and the share of them that is "busy".
 PULSE_S = 0.25
-BUSY_CPU_SHARE = 0.1
+#: A rank waiting in a gloo or NCCL collective uses about none; one starved of CPU by a busy
+#: machine still gets a few percent.
+BUSY_CPU_SHARE = 0.02
 
 
 def _say_off(why: str) -> None:
