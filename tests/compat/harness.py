@@ -17,16 +17,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 import torch
 
 from tests.conftest import clean_env, free_port
+from tests.recovery_util import poll
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 _LINE = re.compile(r"^compat (\w+)((?: \S+=\S+)*)\s*$")
@@ -37,8 +36,6 @@ STEP_SLEEP_S = "0.1"
 LAUNCH_ARGS_ENV = "IRONPOD_COMPAT_LAUNCH_ARGS"
 #: Generous: 2 busy cores, framework imports of several seconds, a controller and an agent.
 RUN_TIMEOUT_S = 300.0
-
-T = TypeVar("T")
 
 
 def stack_env(**extra: str) -> dict[str, str]:
@@ -53,17 +50,6 @@ def stack_env(**extra: str) -> dict[str, str]:
         PYTHONHASHSEED="0",
         **extra,
     )
-
-
-def poll(what: Callable[[], T | None], timeout: float, desc: str, every: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = what()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {desc}")
-        time.sleep(every)
 
 
 def events(text: str, kind: str | None = None) -> list[dict[str, str]]:
