@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -655,6 +656,16 @@ def test_long_workdir_gets_a_short_socket_path(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(path)
     os.unlink(path)
+
+
+def test_a_deep_temp_dir_puts_the_socket_in_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep_tmp = tmp_path / ("t" * 100)
+    deep_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep_tmp))
+    path = beacon_socket_path(tmp_path / ("d" * 100))
+    assert path.startswith("/tmp/ironpod-") and len(path) < 108
 
 
 def _fake_nvml() -> types.SimpleNamespace:

@@ -39,11 +39,11 @@ def _env(**extra: str) -> dict[str, str]:
     return {**out, **extra}
 
 
-def _launch(args: list[str], cwd: Path, **kwargs: object) -> subprocess.Popen[str]:
+def _launch(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "ironpod.cli", "launch", *args],
-        env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        **kwargs,  # type: ignore[call-overload]
+        env=_env(**(env or {})), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
     )  # fmt: skip
 
 
@@ -244,6 +244,40 @@ def test_worker_sees_torchruns_env_and_two_launches_both_run(tmp_path: Path) -> 
         assert e["TORCHELASTIC_ERROR_FILE"].endswith(".json")
     assert seen[0]["TORCHELASTIC_RUN_ID"] != seen[1]["TORCHELASTIC_RUN_ID"]
     assert seen[0]["WANDB_RUN_ID"] != seen[1]["WANDB_RUN_ID"]
+
+
+@pytest.mark.slow
+def test_a_deep_temp_dir_still_runs(tmp_path: Path) -> None:
+    """The job directory goes under $TMPDIR; one as deep as a CI runner's (pytest's own
+    folders, a benchmark's run folder) makes the agent's socket path too long for AF_UNIX."""
+    deep = tmp_path / ("t" * 90)
+    deep.mkdir()
+    probe = _script(tmp_path, "probe.py", ENV_PROBE)
+    proc = _launch(["--nproc-per-node", "2", str(probe)], tmp_path, {"TMPDIR": str(deep)})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert out.count("ENV ") == 2, out
+
+
+@pytest.mark.slow
+def test_an_agent_that_dies_ends_the_launch_with_its_reason(tmp_path: Path) -> None:
+    script = _script(tmp_path, "sleep.py", """\
+        import os, time
+        print("up", os.environ["RANK"], flush=True)
+        time.sleep(600)
+    """)  # fmt: skip
+    proc = _launch(["--nproc-per-node", "2", str(script)], tmp_path)
+    deadline = time.monotonic() + 120
+    agent = None
+    while agent is None:
+        assert time.monotonic() < deadline and proc.poll() is None
+        children = psutil.Process(proc.pid).children()
+        agent = next((c for c in children if "ironpod.agent" in c.cmdline()), None)
+        time.sleep(0.2)
+    agent.kill()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "the agent exited with code -9 while the job ran" in out, out
 
 
 @pytest.mark.slow

@@ -124,14 +124,28 @@ def _my_address(master_addr: str) -> str:
 
 
 class _Stop:
-    """SIGTERM, SIGINT and SIGHUP to launch: remembered, and every wait wakes at once."""
+    """SIGTERM, SIGINT and SIGHUP to launch: remembered, and every wait wakes at once. Every
+    wait also checks the launch's own processes (:meth:`watch`): one that exited before the
+    job ended (an agent that could not start) ends the launch with its log's last line."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
+        self._watched: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def watch(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self._watched[name] = (proc, log)
 
     def wait(self, seconds: float) -> bool:
-        return self.event.wait(seconds)
+        stopped = self.event.wait(seconds)
+        if not stopped:
+            for name, (proc, log) in self._watched.items():
+                if proc.poll() is not None:
+                    raise IronpodError(
+                        f"the {name} exited with code {proc.returncode} while the job ran: "
+                        f"{_last_line(log)} (all of it in {log})"
+                    )
+        return stopped
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -172,6 +186,17 @@ def _tokens(cfg: LaunchConfig, stop: _Stop) -> tuple[str, str]:
             raise _StoppedError
     data = json.loads(path.read_text())
     return str(data["admin"]), str(data["join"])
+
+
+def _last_line(log: Path) -> str:
+    """The last non-blank line of a log (an exception's message ends a traceback)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return "(no log)"
+    return next((ln for ln in reversed(lines) if ln), "(an empty log)")
 
 
 class _StoppedError(Exception):
@@ -246,12 +271,15 @@ def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
             # second or more to import); the controller finds them in its state directory.
             tokens = load_or_create_tokens(cfg.job_dir / "controller", cfg.token)
             admin, join = tokens.admin, tokens.join
-            controller = _spawn(_controller_argv(cfg), cfg.job_dir / "logs" / "controller.log")
+            log = cfg.job_dir / "logs" / "controller.log"
+            controller = _spawn(_controller_argv(cfg), log)
+            stop.watch("embedded controller", controller, log)
         else:
             admin, join = _tokens(cfg, stop)
         api = _Api(url, admin)
         _link_log_dir(cfg, workdir)
         console.start()
+        log = cfg.job_dir / "logs" / f"agent-{name}.log"
         agent = _spawn(
             [
                 sys.executable, "-m", "ironpod.agent", "--join", url, "--token", join,
@@ -259,8 +287,9 @@ def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
                 "--address", cfg.node_address or _my_address(cfg.master_addr),
                 "--health-level", cfg.health_level,
             ],
-            cfg.job_dir / "logs" / f"agent-{name}.log",
+            log,
         )  # fmt: skip
+        stop.watch("agent", agent, log)
         if cfg.node_rank == 0:
             return _lead(cfg, api, stop, name)
         return _follow(cfg, api, stop)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ironpod.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
@@ -30,12 +32,21 @@ Beacon = dict[str, Any]
 
 
 def beacon_socket_path(workdir: Path) -> str:
-    """``{workdir}/beacon.sock``, or a short path in the temp dir when that one is too long."""
+    """``{workdir}/beacon.sock``, or when that is too long for a socket a short name (a digest
+    of it) in the temp dir, or in ``/tmp`` when the temp dir's own path is that long too."""
     path = str(workdir.resolve() / "beacon.sock")
     if len(path.encode()) <= _MAX_SOCKET_PATH:
         return path
-    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"ironpod-{digest}.sock")
+    name = f"ironpod-{hashlib.sha256(path.encode()).hexdigest()[:16]}.sock"
+    for folder in (tempfile.gettempdir(), "/tmp"):
+        short = os.path.join(folder, name)
+        if len(short.encode()) <= _MAX_SOCKET_PATH and os.access(folder, os.W_OK):
+            return short
+    raise ConfigError(
+        f"no place for the agent's beacon socket: {path} is longer than a socket path "
+        f"may be ({_MAX_SOCKET_PATH} bytes), and so is the temp dir's {name}; "
+        "give the agent a shorter --workdir or TMPDIR"
+    )
 
 
 class BeaconReceiver:

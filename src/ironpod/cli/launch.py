@@ -33,7 +33,8 @@ from typing import Any
 import typer
 
 from ironpod import env
-from ironpod.errors import ConfigError, errors_to_exit
+from ironpod.cli.common import cli_errors
+from ironpod.errors import ConfigError
 
 DEFAULT_PORT = 29400  # torchrun's c10d rendezvous port; here the embedded controller's
 DEFAULT_MAX_RESTARTS = 3  # torchrun: 0; recovery is what ironpod is for
@@ -411,7 +412,7 @@ def main(argv: Sequence[str]) -> int:
     """Run a launch from torchrun's arguments; the exit code (docs/launch.md)."""
     from ironpod.launch import launch
 
-    with errors_to_exit():
+    with cli_errors():
         cfg = resolve(argv)
         return launch(cfg)
 
