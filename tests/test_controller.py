@@ -657,3 +657,39 @@ def test_cancel_stops_the_attempt(cluster: Cluster) -> None:
 def test_illegal_transition_is_an_error() -> None:
     with pytest.raises(IllegalTransitionError, match="succeeded -> running"):
         check_transition(JOB_TRANSITIONS, JobState.SUCCEEDED, JobState.RUNNING)
+
+
+def test_a_hang_then_the_same_nodes_loss_moves_the_job_to_the_spare(
+    tmp_path: Path, db_url: str
+) -> None:
+    """bench/goodput.py's recipe schedule on a local cluster with one spare: a hang blames
+    a node (its first failure: restart in place), then that node is lost (its second: the
+    spare takes its place). The job must run on the spare, not wait for a healthy node."""
+    cluster = Cluster(tmp_path / "c", db_url, reserve_spares=1, node_lost_after_s=3)
+    ids = {name: cluster.register(name) for name in ("a", "b", "c")}
+    job = cluster.submit(nodes=2)
+    cluster.controller.reconcile()
+    first = cluster.job(job)["attempts"][0]
+    on = {i: name for name, i in ids.items()}
+    one, two = (on[i] for i in first["node_ids"])
+    spare = next(n for n in ids if n not in (one, two))
+    cluster.heartbeat(ids[one], one, [running(first["id"], rank=0, step=41)])
+    cluster.heartbeat(ids[two], two, [running(first["id"], rank=1, step=40)])
+    cluster.event(ids[one], first["id"], 0, "hung", detail="no progress for 2 s")
+    assert cluster.job(job)["state"] == "recovering"
+    cluster.clock.advance(0.5)
+    for name, node_id in ids.items():
+        cluster.heartbeat(node_id, name)
+    cluster.controller.reconcile()
+    second = cluster.job(job)["attempts"][1]
+    assert second["node_ids"] == first["node_ids"]  # one failure: in place
+    # two stops heartbeating: lost
+    for _ in range(4):
+        cluster.clock.advance(1)
+        for name in (one, spare):
+            cluster.heartbeat(ids[name], name)
+        cluster.controller.reconcile()
+    view = cluster.job(job)
+    assert view["attempts"][1]["end_cause"].startswith(f"node lost: {two}"), view
+    assert len(view["attempts"]) == 3, (view["state"], view["reason"], cluster.nodes())
+    assert sorted(on[i] for i in view["attempts"][2]["node_ids"]) == sorted([one, spare])

@@ -101,8 +101,11 @@ class System:
 
     name = ""
 
-    def __init__(self, root: Path, work: Workload, settings: Settings, tag: str) -> None:
+    def __init__(
+        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+    ) -> None:
         self.root = root / f"{work.name}-{self.name}-{tag}"
+        self.faulted = faulted
         self.root.mkdir(parents=True)
         self.workload = work.name
         self.steps = work.steps
@@ -178,14 +181,16 @@ class Ironpod(System):
 
     name = "ironpod"
 
-    def __init__(self, root: Path, work: Workload, settings: Settings, tag: str) -> None:
-        super().__init__(root, work, settings, tag)
+    def __init__(
+        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+    ) -> None:
+        super().__init__(root, work, settings, tag, faulted=faulted)
         self.home = self.root / "home"
         self.client: IronpodClient | None = None
         self.job_id: int | None = None
         self.job: JobView | None = None
         self._next_poll = 0.0
-        self.spares = settings.node_losses if tag == "faults" else 0
+        self.spares = settings.node_losses if faulted else 0
 
     def patterns(self) -> list[str]:
         return [str(self.home / "nodes" / "*" / "logs" / "attempt-*" / "rank-*.log")]
@@ -260,8 +265,10 @@ class IronpodMemory(Ironpod):
 
     name = "ironpod-memory"
 
-    def __init__(self, root: Path, work: Workload, settings: Settings, tag: str) -> None:
-        super().__init__(root, work, settings, tag)
+    def __init__(
+        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+    ) -> None:
+        super().__init__(root, work, settings, tag, faulted=faulted)
         self.command += ["--set", "checkpoint.memory_every=1"]
 
 
@@ -277,8 +284,10 @@ class Launch(System):
 
     name = "ironpod-launch"
 
-    def __init__(self, root: Path, work: Workload, settings: Settings, tag: str) -> None:
-        super().__init__(root, work, settings, tag)
+    def __init__(
+        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+    ) -> None:
+        super().__init__(root, work, settings, tag, faulted=faulted)
         self.proc: subprocess.Popen[bytes] | None = None
         self.out = self.root / "launch.log"
 
@@ -344,8 +353,10 @@ class Torchrun(System):
     name = "torchrun"
     fresh_store = False
 
-    def __init__(self, root: Path, work: Workload, settings: Settings, tag: str) -> None:
-        super().__init__(root, work, settings, tag)
+    def __init__(
+        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+    ) -> None:
+        super().__init__(root, work, settings, tag, faulted=faulted)
         self.port = 0
         self.agents: dict[int, subprocess.Popen[bytes]] = {}  # node -> its current agent
         self.dead: list[subprocess.Popen[bytes]] = []
