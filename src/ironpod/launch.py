@@ -53,6 +53,9 @@ from ironpod.errors import EXIT_DO_NOT_REQUEUE, EXIT_PREEMPTED, ConfigError, Iro
 EXIT_REQUEUE = EXIT_PREEMPTED
 EXIT_INTERRUPTED = 130
 TERMINAL = {"succeeded", "failed", "cancelled"}
+#: How often launch asks for the job's state while this node's workers run.
+RUNNING_POLL_S = 1.0
+
 #: Exit codes of a command that could not start (a shell's convention; the agent's too).
 CANNOT_START = {126, 127}
 #: Node rank 0 keeps its controller up at most this long after the job ended, until every
@@ -291,8 +294,8 @@ def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
         )  # fmt: skip
         stop.watch("agent", agent, log)
         if cfg.node_rank == 0:
-            return _lead(cfg, api, stop, name)
-        return _follow(cfg, api, stop)
+            return _lead(cfg, api, stop, name, agent)
+        return _follow(cfg, api, stop, agent)
     except _StoppedError:
         return stop.code
     finally:
@@ -328,9 +331,9 @@ def _teardown(
 
 
 def _controller_argv(cfg: LaunchConfig) -> list[str]:
-    # One node polls a controller on the same host: short heartbeats cost little there and
-    # start the workers sooner (an assignment travels on a heartbeat reply).
-    beat = 0.2 if cfg.single_node else 1.0
+    # The agent beats fast on its own after joining and after a failure (agent.main's
+    # FAST_INTERVAL_S), when an assignment is due; a steady run needs no faster beat.
+    beat = 1.0
     return [
         sys.executable, "-m", "ironpod.launch", "--port", str(cfg.master_port),
         "--state-dir", str(cfg.job_dir / "controller"), "--heartbeat", str(beat),
@@ -432,7 +435,9 @@ def _carries_on(cfg: LaunchConfig, job: dict[str, Any]) -> bool:
     return same and (job["state"] not in TERMINAL or job["state"] == "succeeded")
 
 
-def _lead(cfg: LaunchConfig, api: _Api, stop: _Stop, own: str) -> int:
+def _lead(
+    cfg: LaunchConfig, api: _Api, stop: _Stop, own: str, agent: subprocess.Popen[bytes]
+) -> int:
     deadline = time.monotonic() + cfg.join_timeout_s
     enough_since: float | None = None
     while True:  # the controller is starting
@@ -470,13 +475,13 @@ def _lead(cfg: LaunchConfig, api: _Api, stop: _Stop, own: str) -> int:
             return EXIT_REQUEUE
         if stop.wait(0.05):
             return stop.code
-    code = _wait(cfg, api, stop, job["id"], lead=True)
+    code = _wait(cfg, api, stop, job["id"], agent, lead=True)
     if not cfg.single_node and stop.signum is None:
         _wait_for_followers(api, own, stop)
     return code
 
 
-def _follow(cfg: LaunchConfig, api: _Api, stop: _Stop) -> int:
+def _follow(cfg: LaunchConfig, api: _Api, stop: _Stop, agent: subprocess.Popen[bytes]) -> int:
     """Follow the job node 0 runs under this identity. A job already finished when first seen
     is an earlier run's, unless it is one node 0 carries on (it succeeded, same identity)."""
     skip: set[int] = set()
@@ -493,19 +498,37 @@ def _follow(cfg: LaunchConfig, api: _Api, stop: _Stop) -> int:
                 return EXIT_REQUEUE
         if job is not None:
             if job["state"] not in TERMINAL or _carries_on(cfg, job):
-                return _wait(cfg, api, stop, job["id"], lead=False)
+                return _wait(cfg, api, stop, job["id"], agent, lead=False)
             skip.add(job["id"])
         if stop.wait(0.25):
             return stop.code
 
 
-def _wait(cfg: LaunchConfig, api: _Api, stop: _Stop, job_id: int, *, lead: bool) -> int:
-    """Until the job ends: its exit code. A short poll of one job: on one node the controller
-    is local and the poll is cheap, and the launch ends within 0.1 s of the job."""
-    interval = 0.1 if cfg.single_node else 0.5
+def _workers_running(agent: subprocess.Popen[bytes]) -> bool:
+    try:
+        return bool(psutil.Process(agent.pid).children())
+    except psutil.Error:
+        return False
+
+
+def _wait(
+    cfg: LaunchConfig,
+    api: _Api,
+    stop: _Stop,
+    job_id: int,
+    agent: subprocess.Popen[bytes],
+    *,
+    lead: bool,
+) -> int:
+    """Until the job ends: its exit code. While this node's workers run, the job is polled
+    once a second (each poll is CPU the workers feel on a small node); when none runs (the
+    job is ending or restarting), every 0.1 s on one node, so launch ends within about
+    0.1 s of the job there."""
+    quick = 0.1 if cfg.single_node else 0.5
     silent_since: float | None = None
     waiting_since: float | None = None
     while True:
+        interval = RUNNING_POLL_S if _workers_running(agent) else quick
         try:
             job = api.get(f"/api/v1/jobs/{job_id}")
             silent_since = None
@@ -525,8 +548,12 @@ def _wait(cfg: LaunchConfig, api: _Api, stop: _Stop, job_id: int, *, lead: bool)
             if lead and waiting_since and time.monotonic() - waiting_since > cfg.give_up_waiting_s:
                 print(f"ironpod launch: {job['reason']}; asking for a requeue", file=sys.stderr)
                 return EXIT_REQUEUE
-        if stop.wait(interval):
-            return stop.code
+        due = time.monotonic() + interval
+        while True:  # the slow poll ends early when the workers do
+            if stop.wait(quick):
+                return stop.code
+            if time.monotonic() >= due or not _workers_running(agent):
+                break
 
 
 def end_code(job: dict[str, Any]) -> int:

@@ -60,6 +60,13 @@ log = logging.getLogger("ironpod.agent")
 
 #: Share of RAM the in-memory snapshots (own slots and peers' copies) may use by default.
 DEFAULT_MEMORY_BUDGET = "25%"
+#: After joining and after a failure, the agent heartbeats at least this often for
+#: FAST_WINDOW_S: an assignment (the first, or a restart) travels on a heartbeat reply, so
+#: a short beat starts workers sooner; in between, the controller's interval paces it (each
+#: beat costs the controller a request and a commit, CPU the workers feel on a small node).
+FAST_INTERVAL_S = 0.2
+FAST_WINDOW_S = 10.0
+
 #: Wait after the controller refused us outright (a wrong token, say) before asking again.
 _REJECTED_RETRY_S = 5.0
 #: On shutdown, time allowed for the last events (the workers' exits) to reach the controller.
@@ -144,6 +151,7 @@ class Agent:
         self.node_id: int | None = None
         self.interval_s = heartbeat_interval_s
         self._poke = threading.Event()  # heartbeat now, do not wait for the interval
+        self._fast_until = 0.0  # monotonic: until then beat every FAST_INTERVAL_S at most
         self._notices: list[AgentNotice] = []
         self._notices_lock = threading.Lock()
         self.capacity: Capacity = detect_capacity(cpus)
@@ -235,7 +243,17 @@ class Agent:
             backoff.reset()
             rejoins = rejoins + 1 if rejoin else 0
             if rejoins != 1:
-                self._sleep(self.interval_s - (time.monotonic() - began))
+                self._sleep(self._interval() - (time.monotonic() - began))
+
+    def _interval(self) -> float:
+        if time.monotonic() < self._fast_until:
+            return min(self.interval_s, FAST_INTERVAL_S)
+        return self.interval_s
+
+    def _hurry(self) -> None:
+        """Heartbeat now, then briefly often: the controller is about to assign work."""
+        self._fast_until = time.monotonic() + FAST_WINDOW_S
+        self._poke.set()
 
     def _sleep(self, seconds: float) -> None:
         """Until the next heartbeat: ``seconds``, or less if poked (or stopped)."""
@@ -250,7 +268,7 @@ class Agent:
         """A failure just reached the controller, which decides within milliseconds: ask for
         the new desired state now instead of up to a heartbeat interval later."""
         if event.kind == "hung" or (event.kind == "exited" and event.detail != STOPPED_BY_AGENT):
-            self._poke.set()
+            self._hurry()
 
     def _tick(self) -> bool:
         """Register if needed, then heartbeat; True to go again at once (re-registration)."""
@@ -370,7 +388,7 @@ class Agent:
             busbw_gbps=row.value if row.value is not None else -1.0,
         )
         if failed:
-            self._poke.set()  # tell the controller now, not at the next heartbeat
+            self._hurry()  # tell the controller now, not at the next heartbeat
             raise AttemptNotStartedError(text)
 
     @staticmethod
@@ -414,6 +432,7 @@ class Agent:
         self.node_id = reply.node_id
         self.interval_s = reply.heartbeat_interval_s
         log.info("registered as node %d, heartbeat every %.2f s", reply.node_id, self.interval_s)
+        self._fast_until = time.monotonic() + FAST_WINDOW_S
         self.events.wake()
 
     def close(self) -> None:
