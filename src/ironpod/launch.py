@@ -331,13 +331,11 @@ def _teardown(
 
 
 def _controller_argv(cfg: LaunchConfig) -> list[str]:
-    # The agent beats fast on its own after joining and after a failure (agent.main's
-    # FAST_INTERVAL_S), when an assignment is due; a steady run needs no faster beat.
-    beat = 1.0
+    # The controller's default heartbeat interval: the agent beats faster on its own after
+    # joining and after a failure (agent.main's FAST_INTERVAL_S), when an assignment is due.
     return [
         sys.executable, "-m", "ironpod.launch", "--port", str(cfg.master_port),
-        "--state-dir", str(cfg.job_dir / "controller"), "--heartbeat", str(beat),
-        "--grace", str(cfg.shutdown_timeout_s),
+        "--state-dir", str(cfg.job_dir / "controller"), "--grace", str(cfg.shutdown_timeout_s),
     ]  # fmt: skip
 
 
@@ -620,19 +618,18 @@ def _spec(cfg: LaunchConfig, joined: int) -> dict[str, Any]:
 
 
 def _controller_main(argv: list[str]) -> int:
-    """``python -m ironpod.launch``: the embedded controller, with launch's heartbeat and
-    shutdown grace (the agents stop workers with the grace the controller tells them)."""
+    """``python -m ironpod.launch``: the embedded controller, with launch's shutdown grace
+    (the agents stop workers with the grace the controller tells them)."""
     from ironpod.controller.server import serve
     from ironpod.controller.service import ControllerConfig
 
     p = argparse.ArgumentParser(prog="python -m ironpod.launch")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--state-dir", type=Path, required=True)
-    p.add_argument("--heartbeat", type=float, default=1.0)
     p.add_argument("--grace", type=float, default=30.0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = ControllerConfig(heartbeat_interval_s=args.heartbeat, stop_grace_s=args.grace)
+    config = ControllerConfig(stop_grace_s=args.grace)
     serve(host="0.0.0.0", port=args.port, state_dir=args.state_dir.resolve(), config=config)
     return 0
 
