@@ -325,9 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     with workspace(args, console) as root, Progress(*columns, console=Console(stderr=True)) as bar:
         for i, (work, cls, faults) in enumerate(runs):
-            tag = "faults" if faults else "free"
             name = f"{work.name}: {LABEL[cls.name]}" + ("" if faults else " (fault-free)")
-            system = cls(root, work, settings, f"{tag}{i}", faulted=bool(faults))
+            system = cls(root, work, settings, index=i, faulted=bool(faults))
             results.append(run(system, faults, limits, bar, name))
     notes = report(console, results)
     wall = time.time() - started

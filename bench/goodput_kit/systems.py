@@ -102,8 +102,9 @@ class System:
     name = ""
 
     def __init__(
-        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+        self, root: Path, work: Workload, settings: Settings, *, index: int, faulted: bool
     ) -> None:
+        tag = f"{'faults' if faulted else 'free'}{index}"  # index: the run's place in the bench
         self.root = root / f"{work.name}-{self.name}-{tag}"
         self.faulted = faulted
         self.root.mkdir(parents=True)
@@ -182,9 +183,9 @@ class Ironpod(System):
     name = "ironpod"
 
     def __init__(
-        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+        self, root: Path, work: Workload, settings: Settings, *, index: int, faulted: bool
     ) -> None:
-        super().__init__(root, work, settings, tag, faulted=faulted)
+        super().__init__(root, work, settings, index=index, faulted=faulted)
         self.home = self.root / "home"
         self.client: IronpodClient | None = None
         self.job_id: int | None = None
@@ -266,9 +267,9 @@ class IronpodMemory(Ironpod):
     name = "ironpod-memory"
 
     def __init__(
-        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+        self, root: Path, work: Workload, settings: Settings, *, index: int, faulted: bool
     ) -> None:
-        super().__init__(root, work, settings, tag, faulted=faulted)
+        super().__init__(root, work, settings, index=index, faulted=faulted)
         self.command += ["--set", "checkpoint.memory_every=1"]
 
 
@@ -285,9 +286,9 @@ class Launch(System):
     name = "ironpod-launch"
 
     def __init__(
-        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+        self, root: Path, work: Workload, settings: Settings, *, index: int, faulted: bool
     ) -> None:
-        super().__init__(root, work, settings, tag, faulted=faulted)
+        super().__init__(root, work, settings, index=index, faulted=faulted)
         self.proc: subprocess.Popen[bytes] | None = None
         self.out = self.root / "launch.log"
 
@@ -354,9 +355,9 @@ class Torchrun(System):
     fresh_store = False
 
     def __init__(
-        self, root: Path, work: Workload, settings: Settings, tag: str, *, faulted: bool
+        self, root: Path, work: Workload, settings: Settings, *, index: int, faulted: bool
     ) -> None:
-        super().__init__(root, work, settings, tag, faulted=faulted)
+        super().__init__(root, work, settings, index=index, faulted=faulted)
         self.port = 0
         self.agents: dict[int, subprocess.Popen[bytes]] = {}  # node -> its current agent
         self.dead: list[subprocess.Popen[bytes]] = []
