@@ -503,6 +503,14 @@ def _follow(cfg: LaunchConfig, api: _Api, stop: _Stop, agent: subprocess.Popen[b
 
 
 def _workers_running(agent: subprocess.Popen[bytes]) -> bool:
+    """Whether the agent has a child process: its threads' ``children`` lists in /proc (a few
+    small reads), else psutil, which reads every process's parent (several ms a call on a
+    busy host, ten calls a second while a job ends)."""
+    try:
+        tasks = os.listdir(f"/proc/{agent.pid}/task")
+        return any(Path(f"/proc/{agent.pid}/task/{t}/children").read_bytes().strip() for t in tasks)
+    except OSError:  # no /proc children lists (not Linux, CONFIG_PROC_CHILDREN off), or gone
+        pass
     try:
         return bool(psutil.Process(agent.pid).children())
     except psutil.Error:
