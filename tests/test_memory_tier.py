@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ironpod import env, snapshot
+from ironpod.errors import ConfigError
 from ironpod.train.beacon import parse_progress_line
 from ironpod.train.checkpoint import (
     Checkpointer,
@@ -29,6 +30,7 @@ from ironpod.train.checkpoint import (
     TieredCheckpointer,
     TrainState,
 )
+from ironpod.train.checkpoint.tiered import AUTO_MAX_EVERY, AUTO_PROBE_STEPS, AutoInterval
 from tests.conftest import clean_env, free_port, python
 from tests.test_resume_bitwise import command, run
 
@@ -217,6 +219,69 @@ def test_damaged_snapshot_falls_back_to_older_step_then_durable(
     assert again.last_restore is not None and again.last_restore["tier"] == "memory"
     assert "restored step 3 from memory (local)" in capfd.readouterr().err
     again.close()
+
+
+# -- the automatic interval (memory_every="auto")
+
+
+@pytest.mark.parametrize(
+    ("step_ms", "copy_ms", "background_ms", "on_cpu", "every"),
+    [
+        (100, 5, 3, True, 8),  # CPU: copy and commit both take the training's cores
+        (100, 5, 3, False, 5),  # GPU: only the copy blocks
+        (100, 0.1, 250, False, 3),  # a commit longer than a step: one in flight at a time
+        (100, 0.1, 0.1, True, 1),  # cheap: every step
+        (0.01, 5, 5, True, 500),  # no real step: capped at AUTO_MAX_EVERY
+    ],
+)
+def test_auto_interval_keeps_snapshots_within_the_budget(
+    step_ms: float, copy_ms: float, background_ms: float, on_cpu: bool, every: int
+) -> None:
+    auto = AutoInterval(0.01, max_every=AUTO_MAX_EVERY)
+    assert auto.propose(on_cpu=on_cpu) is None  # nothing measured yet
+    for _ in range(3):
+        auto.observe_step(step_ms / 1000)
+        auto.observe_snapshot(copy_ms / 1000, background_ms / 1000)
+    assert auto.propose(on_cpu=on_cpu) == every
+
+
+@pytest.mark.parametrize("budget", [0, 1, -0.5])
+def test_auto_interval_rejects_a_budget_outside_0_1(budget: float) -> None:
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        AutoInterval(budget)
+
+
+def test_auto_probes_every_step_then_snapshots_on_the_agreed_interval(
+    tmp_path: Path, area: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[list[float], int]] = []
+
+    def propose(self: AutoInterval, *, on_cpu: bool) -> int:
+        seen.append((list(self.step_s), len(self.costs)))
+        return 4
+
+    monkeypatch.setattr(AutoInterval, "propose", propose)
+    state = make_state()
+    ckpt = TieredCheckpointer(str(tmp_path / "ckpt"), area=area, memory_every="auto")
+    for step in range(1, 23):
+        train_step(state)
+        ckpt.save(step, state)
+    ckpt.wait()
+    assert ckpt.memory is not None and ckpt.memory_every == 4
+    taken = [r.step for r in ckpt.memory.history]
+    assert taken == [*range(1, AUTO_PROBE_STEPS + 1), 8, 12, 16, 20]
+    # Decided once, at the end of the probe, from a time per step and the probe's snapshots.
+    ((steps, costs),) = seen
+    assert len(steps) == AUTO_PROBE_STEPS and all(t > 0 for t in steps)
+    assert 1 <= costs <= AUTO_PROBE_STEPS
+    assert "memory snapshots every 4 step(s) (was 1)" in capfd.readouterr().err
+    assert ckpt.load_latest(make_state(seed=5)) == 20
+    ckpt.close()
+
+
+def test_memory_every_must_be_a_count_or_auto(tmp_path: Path, area: Path) -> None:
+    with pytest.raises(ConfigError, match="memory_every must be 0 or more, or 'auto'"):
+        TieredCheckpointer(str(tmp_path / "ckpt"), area=area, memory_every="often")
 
 
 # -- budgets

@@ -28,6 +28,7 @@ def test_tiny_is_the_default_and_uses_bytes() -> None:
     assert cfg.data.tokenizer == "bytes"
     assert cfg.model.vocab_size == 256
     assert cfg.checkpoint.dir is None
+    assert cfg.checkpoint.memory_every == "auto"  # a memory tier where ironpod gives an area
 
 
 def test_overrides_are_parsed_as_yaml() -> None:
@@ -92,6 +93,11 @@ def test_precedence_file_then_environment_then_flag(tmp_path: Path) -> None:
         (["train.steps"], "config: override 'train.steps' must look like key.sub=value"),
         (["model.vocab_size=100"], "config: model.vocab_size 100 is smaller than the tokenizer"),
         (["train.micro_batch=5"], "config: train.global_batch must be a multiple of"),
+        (
+            ["checkpoint.memory_every=often"],
+            "config: checkpoint.memory_every: must be a step count (0: no memory tier) or 'auto', "
+            "got 'often'",
+        ),
     ],
 )
 def test_errors_are_one_line_naming_the_field(overrides: list[str], message: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ironpod.env import CHECKPOINT_DIR
 from ironpod.errors import ConfigError
@@ -33,6 +33,17 @@ CONFIGS_DIR = Path(__file__).parent / "configs"
 BYTE_VOCAB = 256
 
 NonNegative = Annotated[int, Field(ge=0)]
+
+
+def _memory_every(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError("must be a step count (0: no memory tier) or 'auto'")
+
+
+MemoryEvery = Annotated[int | str, BeforeValidator(_memory_every)]
 
 
 class _Section(BaseModel):
@@ -81,8 +92,10 @@ class CheckpointConfig(_Section):
     """Where and how often checkpoints are taken; ``dir: null`` disables them.
 
     ``every`` (alias ``durable_every``) is the durable tier's step rule. With ``memory_every``
-    above 0 the recipe uses :class:`ironpod.train.TieredCheckpointer`: a snapshot into the
-    node's memory (``IRONPOD_SNAPSHOT_DIR``) every ``memory_every`` steps, durable checkpoints
+    above 0, or ``"auto"`` (the default) under a launcher that gives a snapshot area, the recipe
+    uses :class:`ironpod.train.TieredCheckpointer`: a snapshot into the node's memory
+    (``IRONPOD_SNAPSHOT_DIR``) every ``memory_every`` steps (``"auto"``: as often as 1% of the
+    step time allows, measured while it runs), durable checkpoints
     every ``every`` steps and/or every ``durable_interval_s`` seconds (the agent's control file
     overrides the latter).
     """
@@ -94,7 +107,9 @@ class CheckpointConfig(_Section):
     keep_last: Positive = 2
     keep_every: Positive | None = None  # also keep every N-th step for good
     async_save: Annotated[bool, Field(alias="async")] = True  # false: wait for each save
-    memory_every: NonNegative = 0  # 0: no memory tier (durable checkpoints only)
+    # N: a memory snapshot every N steps; 0: none (durable checkpoints only); "auto": as often
+    # as 1% of the step time allows, where the launcher gives a snapshot area (ironpod does).
+    memory_every: MemoryEvery = "auto"
     durable_interval_s: PositiveFloat | None = None  # tiered only
     slots: Annotated[int, Field(ge=2)] = 3  # memory snapshots kept per rank
 

@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import ironpod.train as it
+from ironpod.env import SNAPSHOT_DIR
 from ironpod.errors import ConfigError, exit_on_error
 from recipes.gpt import data
 from recipes.gpt.config import RecipeConfig, TrainConfig, builtin_configs, load_config
@@ -271,12 +272,15 @@ def setup(cfg: RecipeConfig, ctx: it.TrainContext) -> Session:
     )
     ckpt: it.Checkpointer | it.TieredCheckpointer | None = None
     cc = cfg.checkpoint
-    if cc.dir and cc.memory_every > 0:
+    memory = cc.memory_every
+    if memory == "auto" and not os.environ.get(SNAPSHOT_DIR):
+        memory = 0  # no snapshot area (torchrun, a plain python): durable checkpoints only
+    if cc.dir and memory != 0:
         ckpt = it.TieredCheckpointer(
             cc.dir,
             ctx=ctx,
             slots=cc.slots,
-            memory_every=cc.memory_every,
+            memory_every=memory,
             durable_every=cc.every,
             durable_interval_s=cc.durable_interval_s,
             keep_last=cc.keep_last,

@@ -82,6 +82,7 @@ class SaveRecord:
 
     step: int
     blocked_s: float
+    waited_s: float = 0.0  # of blocked_s: waiting for the previous save to finish
     write_s: float | None = None
     committed: bool | None = None
     error: str | None = None

@@ -467,6 +467,11 @@ class MemorySnapshots:
     def enabled(self) -> bool:
         return self.disabled_reason is None
 
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the snapshotted state lives on a GPU (known after the first snapshot)."""
+        return self._layout is not None and any(t.is_cuda for t in self._layout.tensors)
+
     def _disable(self, reason: str) -> None:
         """Turn the tier off for this rank: one line on stderr, training goes on (durable only)."""
         if self.disabled_reason is None:
@@ -544,12 +549,13 @@ class MemorySnapshots:
         if not self.enabled:
             return 0.0
         self._wait_inflight()
+        waited = time.perf_counter() - start
         if self._last_step is not None and step <= self._last_step:
             raise CheckpointError(
                 f"snapshot(step={step}) after snapshot(step={self._last_step}): steps must increase"
             )
         layout = self._current_layout(state)
-        record = SaveRecord(step=step, blocked_s=0.0)
+        record = SaveRecord(step=step, blocked_s=0.0, waited_s=waited)
         try:
             if layout.nbytes + ALIGN > self.reserved_bytes and not self._reserve(
                 self._slot_bytes(layout, state)

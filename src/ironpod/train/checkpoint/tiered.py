@@ -1,9 +1,10 @@
 """Two checkpoint tiers behind the :class:`Checkpointer` interface: memory often, durable rarely.
 
 Every ``memory_every`` steps each rank snapshots into the node's memory (:mod:`.memory`, a
-stall of milliseconds); every ``durable_every`` steps, or every ``durable_interval_s`` seconds,
-the durable :class:`Checkpointer` writes a DCP checkpoint that survives anything and loads at
-another world size. The agent may tune the durable interval while the job runs (the
+stall of milliseconds), or with ``memory_every="auto"`` as often as 1% of the training time
+allows (:class:`AutoInterval`); every ``durable_every`` steps, or every ``durable_interval_s``
+seconds, the durable :class:`Checkpointer` writes a DCP checkpoint that survives anything and
+loads at another world size. The agent may tune the durable interval while the job runs (the
 controller's Young/Daly choice) through ``IRONPOD_CONTROL_FILE``. Restoring takes the newest
 step that every rank holds intact in memory, unless the durable tier holds a newer one.
 """
@@ -11,7 +12,9 @@ step that every rank holds intact in memory, unless the durable tier holds a new
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,6 +66,62 @@ class ControlFile:
         return None
 
 
+#: ``memory_every`` value that lets the checkpointer choose the interval.
+AUTO = "auto"
+#: Share of training time the memory tier may cost under ``memory_every="auto"``.
+AUTO_BUDGET = 0.01
+#: Steps measured (each snapshotted) before the automatic interval is first agreed.
+AUTO_PROBE_STEPS = 6
+#: Steps between later re-agreements (step and snapshot times drift: evaluation, new data).
+AUTO_REVIEW_STEPS = 200
+#: The longest automatic interval: a restore from memory never replays more than this.
+AUTO_MAX_EVERY = 500
+
+
+class AutoInterval:
+    """How often to snapshot so that snapshots cost at most ``budget`` of the training time.
+
+    Fed each step's time outside the checkpointer and each committed snapshot's cost, it
+    proposes ``ceil(cost / (budget x step))``, and never less than the steps one snapshot's
+    background work takes (at most one is in flight, so a shorter interval would make the next
+    one wait). A snapshot's cost is its copy (what the step waited for) plus, when the state
+    lives on the CPU, its background commit (checksums and metadata on the training's own
+    cores); on a GPU the background half runs on host cores the step does not use.
+    """
+
+    def __init__(
+        self,
+        budget: float = AUTO_BUDGET,
+        *,
+        window: int = 64,
+        max_every: int = AUTO_MAX_EVERY,
+    ) -> None:
+        if not 0 < budget < 1:
+            raise ConfigError(f"memory tier budget must be between 0 and 1, got {budget}")
+        self.budget = budget
+        self.max_every = max_every
+        self._window = window
+        self.step_s: list[float] = []
+        self.costs: list[tuple[float, float]] = []  # (copy, background) seconds per snapshot
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = [*self.step_s[-(self._window - 1) :], seconds]
+
+    def observe_snapshot(self, copy_s: float, background_s: float) -> None:
+        self.costs = [*self.costs[-(self._window - 1) :], (copy_s, background_s)]
+
+    def propose(self, *, on_cpu: bool) -> int | None:
+        """The interval in steps, or None before both a step and a snapshot were measured."""
+        if not self.step_s or not self.costs:
+            return None
+        step = max(statistics.median(self.step_s), 1e-6)
+        copy = statistics.median(c for c, _ in self.costs)
+        background = statistics.median(b for _, b in self.costs)
+        cost = copy + background if on_cpu else copy
+        every = max(math.ceil(cost / (self.budget * step)), math.ceil(background / step), 1)
+        return min(every, self.max_every)
+
+
 class TieredCheckpointer:
     """Memory snapshots plus durable checkpoints, with the :class:`Checkpointer` interface.
 
@@ -77,7 +136,8 @@ class TieredCheckpointer:
         ctx: TrainContext | None = None,
         area: str | Path | None = None,
         slots: int = 3,
-        memory_every: int = 1,
+        memory_every: int | str = 1,
+        memory_budget: float = AUTO_BUDGET,
         durable_every: int | None = None,
         durable_interval_s: float | None = None,
         keep_last: int = 3,
@@ -85,8 +145,14 @@ class TieredCheckpointer:
         asynchronous: bool = True,
         overlap_copy: bool = True,
     ) -> None:
-        if memory_every < 0:
-            raise ConfigError(f"checkpoint memory_every must be 0 or more, got {memory_every}")
+        self._auto: AutoInterval | None = None
+        if memory_every == AUTO:
+            self._auto = AutoInterval(memory_budget)
+            memory_every = 1  # the probe snapshots every step until the first agreement
+        elif not isinstance(memory_every, int) or memory_every < 0:
+            raise ConfigError(
+                f"checkpoint memory_every must be 0 or more, or {AUTO!r}, got {memory_every!r}"
+            )
         if durable_every is not None and durable_every < 1:
             raise ConfigError(f"checkpoint durable_every must be at least 1, got {durable_every}")
         if durable_interval_s is not None and durable_interval_s <= 0:
@@ -115,11 +181,15 @@ class TieredCheckpointer:
         # The decision has a group of its own: the durable checkpointer's group is busy with
         # the background write of the previous checkpoint, from another thread, and two
         # threads' collectives on one group interleave differently on each rank.
+        decides = self._timed or self._auto is not None
         self._decide_pg = (
-            dist.new_group(backend="gloo") if self._timed and self.durable._distributed else None
+            dist.new_group(backend="gloo") if decides and self.durable._distributed else None
         )
         self._rank = self.durable._rank
         self._last_durable_t = time.monotonic()
+        self._first_step: int | None = None
+        self._left_save_t: float | None = None  # when the previous save returned
+        self._fed_step = -1  # the newest snapshot whose cost the automatic interval has seen
         self.history: list[SaveRecord] = []
         self.last_restore: dict[str, Any] | None = None
         self._metrics: dict[str, float | int] = {}
@@ -152,6 +222,11 @@ class TieredCheckpointer:
         requested stop), ``False`` forbids one; either must be the same on every rank.
         """
         start = time.perf_counter()
+        if self._first_step is None:
+            self._first_step = step
+        if self._auto is not None and self._left_save_t is not None:
+            self._auto.observe_step(start - self._left_save_t)
+            self._maybe_agree(step)
         mem_s = 0.0
         if self.memory is not None and step % self.memory_every == 0:
             mem_s = self.memory.snapshot(step, state)
@@ -159,10 +234,36 @@ class TieredCheckpointer:
         if durable_now:
             self._last_durable_t = time.monotonic()
             self.durable.save(step, state)
-        blocked = time.perf_counter() - start
+        self._left_save_t = time.perf_counter()
+        blocked = self._left_save_t - start
         self.history.append(SaveRecord(step=step, blocked_s=blocked))
         self._metrics = {"ckpt_block_s": blocked, "ckpt_mem_block_s": mem_s}
         return blocked
+
+    def _maybe_agree(self, step: int) -> None:
+        """At the steps every rank knows (the probe's end, then every review), agree on the
+        automatic interval: each rank proposes from its own measurements, the longest wins."""
+        assert self._auto is not None and self._first_step is not None
+        since = step - self._first_step
+        if since < AUTO_PROBE_STEPS or (since - AUTO_PROBE_STEPS) % AUTO_REVIEW_STEPS:
+            return
+        assert self.memory is not None  # memory_every="auto" makes one
+        for record in self.memory.history:
+            if record.step > self._fed_step and record.committed and record.write_s is not None:
+                self._auto.observe_snapshot(record.blocked_s - record.waited_s, record.write_s)
+                self._fed_step = record.step
+        # A rank whose tier is off (refused room) still takes part: the others wait for it.
+        proposal = self._auto.propose(on_cpu=not self.memory.on_cuda) or self.memory_every
+        if self._decide_pg is not None:
+            box = torch.tensor([proposal], dtype=torch.int64)
+            dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self._decide_pg)
+            proposal = int(box.item())
+        if proposal != self.memory_every and self._rank == 0:
+            _report(
+                f"memory snapshots every {proposal} step(s) (was {self.memory_every}): "
+                f"{self._auto.budget:.0%} of the step time"
+            )
+        self.memory_every = proposal
 
     def metrics(self) -> dict[str, float | int]:
         """This step's checkpoint figures for the progress beacon (the agent forwards them)."""
