@@ -18,9 +18,11 @@ once more without faults, in the same invocation:
 * ``recipe``: the GPT recipe (``ironpod.train``: beacons, its checkpointer), tiny preset, DDP
   over gloo, 2 nodes x 1 rank, a checkpoint every 20 steps, 240 steps, 2 crashes, 1 hang and 1
   node loss. Systems: ``ironpod`` (a standing local cluster, ``ironpod up``, with a spare per
-  node loss; the job submitted with the product's defaults), ``ironpod-memory`` (the same with
-  the recipe's snapshot of every step in node memory), ``torchrun`` (two c10d agents on one
-  endpoint, as on two hosts) and ``torchrun-fresh`` (the same with
+  node loss; the job submitted with the product's defaults, among them the recipe's memory
+  tier: a snapshot in node memory, copied to a peer, as often as 1% of the step time allows),
+  ``ironpod-durable`` (the same without the memory tier: durable checkpoints only),
+  ``torchrun`` (two c10d agents on one endpoint, as on two hosts) and ``torchrun-fresh`` (the
+  same with
   ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: by default torchrun's workers share the agent's
   store across restarts and may read the previous round's addresses, pytorch#135712, which
   fails or stalls restarts on torch 2.13 CPU).
@@ -101,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         script_every=25,
         script_crashes=3,
         script_hangs=1,
-        recipe_systems="ironpod,ironpod-memory,torchrun,torchrun-fresh",
+        recipe_systems="ironpod,ironpod-durable,torchrun,torchrun-fresh",
         script_systems="ironpod-launch,torchrun,torchrun-fresh",
         cap=600.0,
         stall_limit=180.0,
@@ -169,7 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--crashes", type=int, help="worker SIGKILLs (default 2)")
     g.add_argument("--hangs", type=int, help="worker SIGSTOPs (default 1)")
     g.add_argument("--node-losses", type=int, help="agent + workers SIGKILLed (default 1)")
-    g.add_argument("--recipe-systems", help="from ironpod, ironpod-memory, torchrun(-fresh)")
+    g.add_argument("--recipe-systems", help="from ironpod, ironpod-durable, torchrun(-fresh)")
     g.add_argument("--dist-timeout", type=float, default=60.0, help="collective timeout, s")
     g.add_argument("--replace-delay", type=float, default=0.0, help="torchrun: s to a new node")
     g.add_argument("--pin-cpus", action="store_true", help="keep the local cluster's CPU shares")
@@ -189,7 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.workloads or set(args.workloads) - set(WORKLOADS):
         p.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
     for key, allowed in (
-        ("recipe_systems", {"ironpod", "ironpod-memory", "torchrun", "torchrun-fresh"}),
+        ("recipe_systems", {"ironpod", "ironpod-durable", "torchrun", "torchrun-fresh"}),
         ("script_systems", {"ironpod-launch", "torchrun", "torchrun-fresh"}),
     ):
         chosen = [s.strip() for s in getattr(args, key).split(",") if s.strip()]

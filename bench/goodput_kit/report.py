@@ -14,14 +14,14 @@ from goodput_kit.measure import KINDS, RunResult, describe
 
 LABEL = {
     "ironpod": "ironpod",
-    "ironpod-memory": "ironpod, memory tier",
+    "ironpod-durable": "ironpod, durable tier only",
     "ironpod-launch": "ironpod launch",
     "torchrun": "torchrun",
     "torchrun-fresh": "torchrun, fresh store",
 }
 STYLE = {
     "ironpod": "green",
-    "ironpod-memory": "bright_green",
+    "ironpod-durable": "bright_green",
     "ironpod-launch": "green",
     "torchrun": "red",
     "torchrun-fresh": "yellow",

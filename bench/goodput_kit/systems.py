@@ -261,16 +261,17 @@ class Ironpod(System):
         super().close()
 
 
-class IronpodMemory(Ironpod):
-    """ironpod with the recipe's snapshot of every step in node memory, copied to a peer."""
+class IronpodDurable(Ironpod):
+    """ironpod without the memory tier: the recipe's durable checkpoints only (its default
+    keeps a memory snapshot as often as 1% of the step time allows, copied to a peer)."""
 
-    name = "ironpod-memory"
+    name = "ironpod-durable"
 
     def __init__(
         self, root: Path, work: Workload, settings: Settings, *, index: int, faulted: bool
     ) -> None:
         super().__init__(root, work, settings, index=index, faulted=faulted)
-        self.command += ["--set", "checkpoint.memory_every=1"]
+        self.command += ["--set", "checkpoint.memory_every=0"]
 
 
 def match_detections(result: RunResult, detected: list[float]) -> None:
@@ -464,5 +465,5 @@ class TorchrunFresh(Torchrun):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    c.name: c for c in (Ironpod, IronpodMemory, Launch, Torchrun, TorchrunFresh)
+    c.name: c for c in (Ironpod, IronpodDurable, Launch, Torchrun, TorchrunFresh)
 }
