@@ -147,7 +147,7 @@ def recipe_workload(args: argparse.Namespace) -> Workload:
 def script_workload(args: argparse.Namespace) -> Workload:
     script = str(ROOT / "bench" / "scripts" / "ddp_torch_save.py")
     argv = [script, "--dir", "{ckpt}", "--steps", str(args.script_steps)]
-    argv += ["--every", str(args.script_every)]
+    argv += ["--every", str(args.script_every), "--width", str(args.script_width)]
     return Workload(
         name="script", argv=argv, steps=args.script_steps, nodes=1, nproc_per_node=2, env={}
     )
@@ -162,6 +162,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("script workload")
     g.add_argument("--script-steps", type=int, help="steps (default 300)")
     g.add_argument("--script-every", type=int, help="its checkpoint every N steps (25)")
+    g.add_argument(
+        "--script-width", type=int, default=512, help="its layers' width: the step's cost (512)"
+    )
     g.add_argument("--script-crashes", type=int, help="worker SIGKILLs (default 3)")
     g.add_argument("--script-hangs", type=int, help="worker SIGSTOPs (default 1)")
     g.add_argument("--script-systems", help="from ironpod-launch, torchrun(-fresh) (all)")

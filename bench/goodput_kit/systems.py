@@ -320,7 +320,10 @@ class Launch(System):
             return None
         self.ended = time.time()
         code = self.proc.returncode
-        return code == 0, f"launch exited with {code}"
+        if code == 0:
+            return True, "launch exited with 0"
+        lines = [ln for ln in self.out.read_text(errors="replace").splitlines() if ln.strip()]
+        return False, f"launch exited with {code}: {lines[-1] if lines else '(no output)'}"
 
     def agent_pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
