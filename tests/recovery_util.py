@@ -204,6 +204,26 @@ def signal_worker(pid: int, sig: signal.Signals) -> float:
     return sent
 
 
+def stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` has stopped (SIGSTOP takes effect asynchronously: a
+    busy machine can let a thread run on, and commit a snapshot, after ``kill`` returned)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = [
+            Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            for t in tasks
+        ]
+    except (OSError, IndexError):
+        return False
+    return all(state in {"T", "t"} for state in states)
+
+
+def stop_worker(pid: int, timeout: float = 30) -> None:
+    """SIGSTOP a worker and wait until all its threads are stopped."""
+    signal_worker(pid, signal.SIGSTOP)
+    poll(lambda: stopped(pid), timeout, f"pid {pid} to stop")
+
+
 def final_losses(home: Path, api: IronpodClient, job: str) -> dict[int, float]:
     """Rank 0's losses in the last attempt, whatever step it resumed from."""
     return losses(rank_log(home, api, attempts(api, job)[-1], 0))

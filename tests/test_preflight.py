@@ -92,6 +92,13 @@ def test_preflight_measures_the_fabric_and_stops_a_job_below_the_floor(
         assert view["state"] == "failed", view["reason"]
         attempt = (view.get("attempts") or [])[0]
         assert attempt["end_cause"].startswith("preflight: "), attempt["end_cause"]
-        log = ru.rank_log(home, api, attempt, 0).read_text(errors="replace")
-        assert "not started: preflight all-reduce over 2 nodes" in log, log[-2000:]
+        # The agent notes it in the rank's log after telling the controller: wait for the line.
+        path = ru.rank_log(home, api, attempt, 0)
+        why = "not started: preflight all-reduce over 2 nodes"
+
+        def noted() -> str | None:
+            text = path.read_text(errors="replace")
+            return text if why in text else None
+
+        log = ru.poll(noted, 30, f"{why!r} in {path}")
         assert "[ironpod] progress" not in log  # no training step was spent on it

@@ -200,7 +200,7 @@ def test_corrupted_memory_copy_falls_through_to_the_peer(
     def corrupt_then_crash(name: str) -> None:
         first = ru.wait_for_step(home, api, name, rank=1, step=FAULT_STEP)
         pid = ru.wait_pid(api, name, 1)
-        ru.signal_worker(pid, signal.SIGSTOP)  # no new snapshot while we damage the old ones
+        ru.stop_worker(pid)  # no new snapshot while we damage the old ones
         area = agent_area(home, ru.attempt_nodes(api, first)[1], api.job(name)["id"])
         for ref in snap.list_snapshots(area, rank=1):
             data = ref.path / snap.DATA
