@@ -463,6 +463,15 @@ def test_hangs_reported_once_with_stacks(
     time.sleep(0.5)
     assert len(controller.events_of("hung")) == 3  # once per rank per attempt
 
+    # Ranks reported hung, and the stopped one, cannot use a grace period: SIGKILL at once.
+    controller.stop_grace_s = 60.0  # sent with the cleared assignment, in the same reply
+    cleared = time.monotonic()
+    controller.assignment = None
+    exits = wait_for(lambda: len(e := controller.events_of("exited", 1)) == 3 and e, timeout=30)
+    assert time.monotonic() - cleared < 30  # far below the grace
+    assert sorted(e.signal for _, e in exits) == [9, 9, 9]
+    assert all(e.detail == "stopped by the agent" for _, e in exits)
+
 
 def test_changing_and_clearing_the_assignment_stops_old_workers(
     tmp_path: Path, controller: FakeController, start_agent: Callable[..., AgentThread]

@@ -49,6 +49,8 @@ STOPPED_BY_AGENT = "stopped by the agent"
 #: smallest derived timeout (hang_floor_s, 1 s); one pass is a few comparisons per rank.
 _MONITOR_INTERVAL_S = 0.05
 _KILL_WAIT_S = 5.0
+#: Longest wait for a hang's stack dump before its worker is stopped (the dump's own limit).
+_STACKS_WAIT_S = 12.0
 #: Most processes of one worker whose stacks are dumped on a hang.
 _MAX_STACK_PIDS = 4
 
@@ -274,8 +276,12 @@ class Supervisor:
                 [w.rank for w in running],
                 grace,
             )
+        for worker in workers:  # a hang's stacks first: the dump needs the process alive
+            worker.stacks_done.wait(_STACKS_WAIT_S)
         for worker in workers:
-            worker.signal_group(signal.SIGTERM)
+            # A rank reported hung, or stopped, does nothing with SIGTERM but use up the grace.
+            hopeless = worker.hang_reported or worker.frozen()
+            worker.signal_group(signal.SIGKILL if hopeless else signal.SIGTERM)
         deadline = time.monotonic() + grace
         for worker in workers:
             worker.wait(max(0.0, deadline - time.monotonic()))
@@ -316,25 +322,32 @@ class Supervisor:
                 ).start()
 
     def _report_hang(self, worker: Worker, late: Overdue) -> None:
-        detail = (
-            f"no progress for {late.silent:.1f} s, timeout {late.timeout:.1f} s = {late.rule}, "
-            f"last step {worker.progress.last_step}"
-        )
-        log.warning("hang detected: rank %d (pid %d): %s", worker.rank, worker.pid, detail)
-        worker.log.note(f"hang detected: {detail}; Python stacks follow")
-        announced = bool(worker.progress.metrics.get("stacks_sigusr1"))
-        worker.log.note(
-            capture_stacks(_stack_pids(worker), sigusr1_pid=worker.pid if announced else None)
-        )
-        self._report(
-            WorkerEvent(
-                attempt_id=worker.attempt_id,
-                rank=worker.rank,
-                kind="hung",
-                time_unix=time.time(),
-                detail=detail,
+        """Report at once (the controller's decision overlaps the dump), then dump the stacks;
+        stopping the worker waits for the dump (``stacks_done``)."""
+        detected = time.time()
+        worker.stacks_done.clear()
+        try:
+            detail = (
+                f"no progress for {late.silent:.1f} s, timeout {late.timeout:.1f} s = "
+                f"{late.rule}, last step {worker.progress.last_step}"
             )
-        )
+            log.warning("hang detected: rank %d (pid %d): %s", worker.rank, worker.pid, detail)
+            self._report(
+                WorkerEvent(
+                    attempt_id=worker.attempt_id,
+                    rank=worker.rank,
+                    kind="hung",
+                    time_unix=detected,
+                    detail=detail,
+                )
+            )
+            worker.log.note(f"hang detected: {detail}; Python stacks follow")
+            announced = bool(worker.progress.metrics.get("stacks_sigusr1"))
+            worker.log.note(
+                capture_stacks(_stack_pids(worker), sigusr1_pid=worker.pid if announced else None)
+            )
+        finally:
+            worker.stacks_done.set()
 
     # -- restart safety
 

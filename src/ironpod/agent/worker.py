@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import IO
 
 from ironpod import env
@@ -140,6 +141,9 @@ class Worker:
         self.start_error: str | None = None
         self.stopping = False  # the agent is stopping it: its exit is not a failure
         self.hang_reported = False
+        # Cleared while the agent dumps its stacks after a hang: stopping it waits for the dump.
+        self.stacks_done = threading.Event()
+        self.stacks_done.set()
         self._matcher = matcher
         self._on_progress = on_progress
         self._on_exit = on_exit
@@ -192,6 +196,17 @@ class Worker:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
+
+    def frozen(self) -> bool:
+        """Whether the process is stopped (SIGSTOP, a debugger): it cannot act on SIGTERM."""
+        if self.pid <= 0:
+            return False
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        fields = stat.rsplit(")", 1)[-1].split()
+        return bool(fields) and fields[0] in {"T", "t"}
 
     def wait(self, timeout: float) -> bool:
         """True once the process has exited (reaped by the waiter thread) within timeout."""
