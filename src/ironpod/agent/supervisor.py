@@ -312,6 +312,7 @@ class Supervisor:
                     )
                     if late is not None:
                         worker.hang_reported = True
+                        worker.stacks_done.clear()  # before any stop can look
                         hung.append((worker, late))
             for worker, late in hung:
                 threading.Thread(
@@ -325,13 +326,13 @@ class Supervisor:
         """Report at once (the controller's decision overlaps the dump), then dump the stacks;
         stopping the worker waits for the dump (``stacks_done``)."""
         detected = time.time()
-        worker.stacks_done.clear()
         try:
             detail = (
                 f"no progress for {late.silent:.1f} s, timeout {late.timeout:.1f} s = "
                 f"{late.rule}, last step {worker.progress.last_step}"
             )
             log.warning("hang detected: rank %d (pid %d): %s", worker.rank, worker.pid, detail)
+            worker.log.note(f"hang detected: {detail}; Python stacks follow")
             self._report(
                 WorkerEvent(
                     attempt_id=worker.attempt_id,
@@ -341,7 +342,6 @@ class Supervisor:
                     detail=detail,
                 )
             )
-            worker.log.note(f"hang detected: {detail}; Python stacks follow")
             announced = bool(worker.progress.metrics.get("stacks_sigusr1"))
             worker.log.note(
                 capture_stacks(_stack_pids(worker), sigusr1_pid=worker.pid if announced else None)
