@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +101,14 @@ class AutoInterval:
             raise ConfigError(f"memory tier budget must be between 0 and 1, got {budget}")
         self.budget = budget
         self.max_every = max_every
-        self._window = window
-        self.step_s: list[float] = []
-        self.costs: list[tuple[float, float]] = []  # (copy, background) seconds per snapshot
+        self.step_s: deque[float] = deque(maxlen=window)
+        self.costs: deque[tuple[float, float]] = deque(maxlen=window)  # (copy, background) s
 
     def observe_step(self, seconds: float) -> None:
-        self.step_s = [*self.step_s[-(self._window - 1) :], seconds]
+        self.step_s.append(seconds)
 
     def observe_snapshot(self, copy_s: float, background_s: float) -> None:
-        self.costs = [*self.costs[-(self._window - 1) :], (copy_s, background_s)]
+        self.costs.append((copy_s, background_s))
 
     def propose(self, *, on_cpu: bool) -> int | None:
         """The interval in steps, or None before both a step and a snapshot were measured."""
