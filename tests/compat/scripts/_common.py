@@ -25,6 +25,20 @@ def started(rank: int) -> None:
     say("start", rank=rank, pid=os.getpid(), wandb_run_id=os.environ.get("WANDB_RUN_ID", "-"))
 
 
+def finish() -> None:
+    """Tear the process group down as a script's last act, as careful scripts do.
+
+    Hugging Face Trainer and Lightning leave gloo's process group to interpreter exit, where its
+    threads may still run while it is destroyed: a reference run under bare torchrun once died
+    there with SIGABRT ("terminate called without an active exception") after finishing.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def pace() -> None:
     delay = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
     if delay > 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import pace, say, started
+from _common import finish, pace, say, started
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -89,6 +89,7 @@ def main() -> None:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.save(state, args.out / "final.pt")
         say("done", rank=rank, step=trainer.state.global_step)
+    finish()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import pace, say, started
+from _common import finish, pace, say, started
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
@@ -90,6 +90,7 @@ def main() -> None:
     if trainer.global_rank == 0:
         torch.save(model.state_dict(), args.out / "final.pt")
         say("done", rank=rank, step=trainer.global_step)
+    finish()
 
 
 if __name__ == "__main__":
