@@ -6,8 +6,11 @@ random bytes in place of tensors: the store never looks inside.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +191,37 @@ def test_worker_reservation_needs_the_worker_token(nodes: tuple[Node, Node]) -> 
     assert post("wrong") == 401
     assert post(TOKEN) == 401  # the node token is not a worker's
     assert post(a.store.worker_token) == 200
+
+
+@pytest.mark.parametrize("name", ["{outside}", "../../../../../../../../..{outside}", "x.bin"])
+def test_an_upload_naming_a_file_outside_the_snapshot_is_refused(
+    nodes: tuple[Node, Node], tmp_path: Path, name: str
+) -> None:
+    """A commit record's file names become paths when a peer's upload is installed: with the
+    node token, a forged record naming an absolute path or a ``../`` one (issue 10) must get
+    400 and write nothing anywhere."""
+    a, _ = nodes
+    outside = tmp_path / "outside" / "owned"
+    outside.parent.mkdir()
+    name = name.format(outside=outside)
+    blob = b"written by an attacker"
+    files = {name: (len(blob), snap.digest(blob))}
+    # The record is built as JSON by hand: ours refuses to hold such a name.
+    record = {
+        "job_id": str(JOB), "rank": 0, "world_size": 2, "step": 99_999_999, "files": files,
+        "created_unix": time.time(), "format": snap.FORMAT,
+    }  # fmt: skip
+    body = json.dumps(record).encode() + b"\n" + blob
+    request = urllib.request.Request(
+        f"{a.url}/snapshots/{JOB}/0/99999999",
+        data=body,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        method="PUT",
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 400
+    assert "a snapshot holds only data.bin, meta.bin" in refused.value.read().decode()
+    assert not outside.exists()
+    assert not list(outside.parent.iterdir())
+    assert a.store.holdings() == []  # and no replica of the forged step was installed

@@ -115,7 +115,7 @@ class Commit:
         if body.get("format") != FORMAT:
             raise ValueError(f"unknown snapshot format {body.get('format')!r}")
         files = {str(k): (int(v[0]), str(v[1])) for k, v in body["files"].items()}
-        return cls(
+        commit = cls(
             job_id=str(body["job_id"]),
             rank=int(body["rank"]),
             world_size=int(body["world_size"]),
@@ -123,6 +123,26 @@ class Commit:
             files=files,
             created_unix=float(body["created_unix"]),
         )
+        commit.check()
+        return commit
+
+    def check(self) -> None:
+        """Refuse a record that could not come from a worker: its file names become paths
+        (a peer's upload is installed by them, a restore reads them), so only the format's
+        own names pass, never ``/abs`` or ``../``; numbers must not be negative."""
+        strange = sorted(set(self.files) - set(FILES))
+        if strange:
+            raise ValueError(
+                f"snapshot commit names file(s) {', '.join(map(repr, strange))}: a snapshot "
+                f"holds only {', '.join(FILES)}"
+            )
+        if min(self.rank, self.step, self.world_size - 1) < 0 or self.rank >= self.world_size:
+            raise ValueError(
+                f"snapshot commit with rank {self.rank}, step {self.step}, world size "
+                f"{self.world_size}: not a snapshot of a training step"
+            )
+        if any(size < 0 for size, _ in self.files.values()):
+            raise ValueError("snapshot commit with a negative file size")
 
     @property
     def nbytes(self) -> int:
@@ -241,6 +261,9 @@ def read_consistent(directory: Path) -> tuple[Commit, dict[str, bytes]] | None:
 
 def install(directory: Path, commit: Commit, blobs: dict[str, bytes]) -> None:
     """Write a received snapshot as ``directory`` (a replica), all or nothing."""
+    commit.check()  # names become paths below
+    if set(blobs) != set(commit.files):
+        raise ValueError(f"files {sorted(blobs)} do not match the commit's {sorted(commit.files)}")
     tmp = directory.with_name(f".tmp-{directory.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
