@@ -103,6 +103,11 @@ class Controller:
         self.engine = make_engine(db_url)
         self.sessions = make_sessions(self.engine)
         self.lock = threading.RLock()
+        #: Set by every change a reconcile pass may act on (each state change and event goes
+        #: through ``_event``) and by heartbeats while a pass left something waiting on nodes;
+        #: the loop (ironpod.controller.server) runs a pass when it is set, else once a period.
+        self.wake = threading.Event()
+        self._waiting = False
         #: Node silence counts from here at the earliest: no agent could reach a controller
         #: that was down, so a restart must not find every node lost.
         self.started_unix = self.clock()
@@ -132,6 +137,7 @@ class Controller:
             )
         )
         log.info("event %s: %s %s", kind, cause, data or "")
+        self.wake.set()
 
     def _set_node(self, s: Session, node: Node, target: NodeState, cause: str) -> None:
         current = NodeState(node.state)
@@ -237,6 +243,8 @@ class Controller:
                 return HeartbeatReply(reregister=True)
             node.last_heartbeat_unix = self.clock()
             node.clock_skew_s = self.clock() - hb.time_unix
+            if self._waiting:  # a job may wait for this node to prove itself alive
+                self.wake.set()
             node.snapshots = [h.model_dump() for h in hb.snapshots]
             if hb.memory_budget_bytes is not None:
                 node.memory = {
@@ -606,6 +614,8 @@ class Controller:
     # -- the loop
 
     def reconcile(self) -> None:
+        """One pass: lost nodes, rechecks that ran out of time, recoveries, the queue. It
+        records whether anything is left waiting on nodes (a heartbeat then wakes the loop)."""
         with self.lock, self.sessions.begin() as s:
             self._check_liveness(s)
             for node in s.scalars(select(Node).where(Node.recheck_unix.is_not(None))):
@@ -621,6 +631,8 @@ class Controller:
             ):
                 if not self._schedule(s, job):
                     break  # strict priority order: nothing jumps the queue's head
+            waiting = select(Job.id).where(Job.state.in_([JobState.RECOVERING, JobState.QUEUED]))
+            self._waiting = s.scalar(waiting.limit(1)) is not None
 
     def _check_liveness(self, s: Session) -> None:
         deadline = self.clock() - self.config.node_lost_after_s
