@@ -101,6 +101,9 @@ class SnapshotStore:
         self._notices: list[AgentNotice] = []
         self._replication: _Replication | None = None
         self._stop = threading.Event()
+        #: Set when the replication targets change (and on close): without targets (one node,
+        #: or no job) the replication thread sleeps on it instead of polling.
+        self._targets_changed = threading.Event()
         self._thread = threading.Thread(target=self._replicate_loop, name="agent-replicate")
         self._thread.daemon = True
         self.stats: dict[str, float] = {"sent_bytes": 0.0, "sent_s": 0.0, "sent": 0.0}
@@ -111,6 +114,7 @@ class SnapshotStore:
 
     def close(self) -> None:
         self._stop.set()
+        self._targets_changed.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
@@ -294,6 +298,7 @@ class SnapshotStore:
     # -- replication (our ranks' newest snapshots to the chosen peers)
 
     def set_assignment(self, assignment: Assignment | None, self_url: str) -> None:
+        self._targets_changed.set()
         with self._lock:
             self.self_url = self_url
             if assignment is None:
@@ -317,6 +322,8 @@ class SnapshotStore:
             with self._lock:
                 rep = self._replication
             if rep is None or not rep.replicate_to:
+                self._targets_changed.wait()
+                self._targets_changed.clear()
                 continue
             try:
                 self._replicate_once(rep)
