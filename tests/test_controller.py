@@ -693,3 +693,21 @@ def test_a_hang_then_the_same_nodes_loss_moves_the_job_to_the_spare(
     assert view["attempts"][1]["end_cause"].startswith(f"node lost: {two}"), view
     assert len(view["attempts"]) == 3, (view["state"], view["reason"], cluster.nodes())
     assert sorted(on[i] for i in view["attempts"][2]["node_ids"]) == sorted([one, spare])
+
+
+def test_the_sqlite_database_and_its_wal_are_private(tmp_path: Path) -> None:
+    """It holds every job's env, secrets among them (issue 10): 0600 from its first byte, and
+    a database made world-readable by an older ironpod is closed up on the next start."""
+    import stat
+
+    db = tmp_path / "state" / "ironpod.db"
+    cluster = Cluster(tmp_path / "state", f"sqlite:///{db}")
+    cluster.register("n0")
+    cluster.controller.engine.dispose()
+    made = [p for p in db.parent.iterdir() if p.name.startswith("ironpod.db")]
+    assert db in made
+    for path in made:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    db.chmod(0o644)
+    Cluster(tmp_path / "state", f"sqlite:///{db}").controller.engine.dispose()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
