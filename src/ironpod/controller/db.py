@@ -131,10 +131,11 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-def _private_file(path: Path) -> None:
-    """The database holds every job's env (secrets among them): mode 0600, created so before
-    SQLite opens it (its WAL and shared-memory files take the database file's mode)."""
-    if str(path) in ("", ":memory:"):
+def _private_sqlite(url: str) -> None:
+    """A SQLite database holds every job's env (secrets among them): mode 0600, created so
+    before SQLite opens it (its WAL and shared-memory files take the database file's mode)."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if not url.startswith("sqlite:///") or str(path) in ("", ":memory:"):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -145,8 +146,7 @@ def _private_file(path: Path) -> None:
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL and a busy timeout for concurrent readers."""
-    if url.startswith("sqlite:///"):
-        _private_file(Path(url.removeprefix("sqlite:///")))
+    _private_sqlite(url)
     try:
         engine = create_engine(url, pool_pre_ping=True)
     except Exception as exc:
@@ -173,8 +173,7 @@ def migrate(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    if url.startswith("sqlite:///"):
-        _private_file(Path(url.removeprefix("sqlite:///")))
+    _private_sqlite(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
