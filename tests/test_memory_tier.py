@@ -30,7 +30,12 @@ from ironpod.train.checkpoint import (
     TieredCheckpointer,
     TrainState,
 )
-from ironpod.train.checkpoint.tiered import AUTO_MAX_EVERY, AUTO_PROBE_STEPS, AutoInterval
+from ironpod.train.checkpoint.tiered import (
+    AUTO_MAX_EVERY,
+    AUTO_PROBE_STEPS,
+    AUTO_RECHECK_STEPS,
+    AutoInterval,
+)
 from tests.conftest import clean_env, free_port, python
 from tests.test_resume_bitwise import command, run
 
@@ -245,6 +250,17 @@ def test_auto_interval_keeps_snapshots_within_the_budget(
     assert auto.propose(on_cpu=on_cpu) == every
 
 
+def test_the_agents_cost_of_a_snapshot_counts_where_it_shares_the_training_cores() -> None:
+    auto = AutoInterval(0.01, max_every=AUTO_MAX_EVERY)
+    for _ in range(3):
+        auto.observe_step(0.100)
+        auto.observe_snapshot(0.005, 0.003)
+    assert auto.propose(on_cpu=True) == 8
+    auto.observe_agent(0.032)  # sending to the peer, receiving its copy, pinning: 32 ms
+    assert auto.propose(on_cpu=True) == 40  # (5 + 3 + 32) ms / 1 ms a step
+    assert auto.propose(on_cpu=False) == 5  # on a GPU the agent runs on host cores
+
+
 @pytest.mark.parametrize("budget", [0, 1, -0.5])
 def test_auto_interval_rejects_a_budget_outside_0_1(budget: float) -> None:
     with pytest.raises(ConfigError, match="between 0 and 1"):
@@ -277,6 +293,36 @@ def test_auto_probes_every_step_then_snapshots_on_the_agreed_interval(
     assert "memory snapshots every 4 step(s) (was 1)" in capfd.readouterr().err
     assert ckpt.load_latest(make_state(seed=5)) == 20
     ckpt.close()
+
+
+def test_auto_agrees_again_once_the_agent_measured_its_replication(
+    tmp_path: Path, area: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    control = tmp_path / "control.json"
+    control.write_text(json.dumps({"durable_interval_s": 3600.0, "snapshot_agent_cpu_s": 0.04}))
+    monkeypatch.setenv(env.CONTROL_FILE, str(control))
+    seen: list[tuple[int, float]] = []
+
+    def propose(self: AutoInterval, *, on_cpu: bool) -> int:
+        seen.append((len(self.step_s), self.agent_s))
+        return 4 if len(seen) == 1 else 8
+
+    monkeypatch.setattr(AutoInterval, "propose", propose)
+    state = make_state()
+    ckpt = TieredCheckpointer(str(tmp_path / "ckpt"), area=area, memory_every="auto")
+    last = 1 + AUTO_PROBE_STEPS + AUTO_RECHECK_STEPS
+    for step in range(1, last + 9):
+        train_step(state)
+        ckpt.save(step, state)
+    ckpt.wait()
+    # The probe's agreement, then the recheck with the agent's figure from the control file.
+    assert [agent for _, agent in seen] == [0.04, 0.04]
+    assert ckpt.memory is not None and ckpt.memory_every == 8
+    taken = [r.step for r in ckpt.memory.history if r.step > last - 4]
+    # Every 4th step up to the recheck at step `last`, every 8th after it.
+    assert taken == [s for s in range(last - 3, last + 1) if s % 4 == 0] + [
+        s for s in range(last + 1, last + 9) if s % 8 == 0
+    ]
 
 
 def test_memory_every_must_be_a_count_or_auto(tmp_path: Path, area: Path) -> None:

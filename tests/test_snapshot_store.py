@@ -125,6 +125,20 @@ def test_newest_snapshot_is_replicated_and_both_nodes_pin_the_step(
     assert (11, "replica") in held(a, 0) or (11, "slot") in held(a, 0)
 
 
+def test_the_agent_measures_what_a_replicated_snapshot_costs_the_node(
+    nodes: tuple[Node, Node],
+) -> None:
+    a, b = nodes
+    assert a.store.cost_advice() == {}  # nothing replicated yet: no figure to advise
+    write_slot(a.store.area(JOB), 0, 0, step=10)
+    assign(a, 0, b)
+    wait_until(lambda: (10, "replica") in held(b, 0))
+    wait_until(lambda: bool(a.store.cost_advice()))
+    cost = a.store.cost_advice()["snapshot_agent_cpu_s"]
+    # Reading, checking, sending and pinning a snapshot takes CPU time, and far below a second.
+    assert 0 < cost < 1.0
+
+
 def test_fetch_takes_a_good_copy_from_a_peer(nodes: tuple[Node, Node]) -> None:
     a, b = nodes
     commit = write_slot(b.store.area(JOB), 1, 0, step=20)

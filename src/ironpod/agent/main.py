@@ -309,8 +309,10 @@ class Agent:
         return self.snapshots.area(job_id) / "control.json"
 
     def _write_control(self, a: Assignment) -> None:
-        """The controller's advice to the workers, in a file they re-read when it changes."""
-        body = json.dumps({"durable_interval_s": a.durable_interval_s}).encode()
+        """The controller's advice to the workers, and the node's own cost of a memory
+        snapshot (replication and all), in a file they re-read when it changes."""
+        advice = {"durable_interval_s": a.durable_interval_s, **self.snapshots.cost_advice()}
+        body = json.dumps(advice).encode()
         path = self._control_file(a.job_id)
         try:
             if path.exists() and path.read_bytes() == body:

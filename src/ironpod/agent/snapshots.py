@@ -23,9 +23,11 @@ import json
 import logging
 import secrets
 import shutil
+import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -107,10 +109,36 @@ class SnapshotStore:
         self._thread = threading.Thread(target=self._replicate_loop, name="agent-replicate")
         self._thread.daemon = True
         self.stats: dict[str, float] = {"sent_bytes": 0.0, "sent_s": 0.0, "sent": 0.0}
+        # CPU seconds this store spent on the memory tier (replication, receiving, pinning,
+        # and the replication thread's polling), and per replicated snapshot of one rank: on
+        # a CPU node they come out of the training's cores, so the workers' automatic
+        # interval counts them (cost_advice, through the control file).
+        self._cpu_s = 0.0
+        self._cpu_mark = 0.0
+        self._cpu_per_snapshot: deque[float] = deque(maxlen=8)
         self.self_url = ""  # this agent's URL, sent along so peers know who announced
 
     def start(self) -> None:
         self._thread.start()
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count the calling thread's CPU time inside the block as memory-tier work."""
+        began = time.thread_time()
+        try:
+            yield
+        finally:
+            spent = time.thread_time() - began
+            with self._lock:
+                self._cpu_s += spent
+
+    def cost_advice(self) -> dict[str, float]:
+        """The node's CPU seconds per snapshot of one rank (median of the recent ones), for
+        the workers' automatic interval; empty before the first snapshot was replicated."""
+        with self._lock:
+            if not self._cpu_per_snapshot:
+                return {}
+            return {"snapshot_agent_cpu_s": round(statistics.median(self._cpu_per_snapshot), 4)}
 
     def close(self) -> None:
         self._stop.set()
@@ -310,6 +338,8 @@ class SnapshotStore:
                 current.replicate_to = [u for u in assignment.replicate_to if u != self_url]
                 current.peers = [u for u in assignment.peers if u != self_url]
                 return
+            self._cpu_per_snapshot.clear()  # a new job: its snapshots have their own size
+            self._cpu_mark = self._cpu_s
             self._replication = _Replication(
                 job_id=assignment.job_id,
                 ranks=list(assignment.ranks),
@@ -326,25 +356,35 @@ class SnapshotStore:
                 self._targets_changed.clear()
                 continue
             try:
-                self._replicate_once(rep)
+                with self.counting():
+                    sent = self._replicate_once(rep)
+                if sent:
+                    self._close_snapshot_cost(len(rep.ranks))
             except Exception as exc:  # a peer down mid-send: try again with the next snapshot
                 log.warning("replication of job %d failed: %s", rep.job_id, exc)
                 self._stop.wait(0.5)
 
-    def _replicate_once(self, rep: _Replication) -> None:
+    def _close_snapshot_cost(self, ranks: int) -> None:
+        """A snapshot step of our ranks went out: what the tier cost since the last one."""
+        with self._lock:
+            spent, self._cpu_mark = self._cpu_s - self._cpu_mark, self._cpu_s
+            self._cpu_per_snapshot.append(spent / max(ranks, 1))
+
+    def _replicate_once(self, rep: _Replication) -> bool:
+        """Send our ranks' newest common step to the targets; whether one went out."""
         area = self.area(rep.job_id)
         newest = {}
         for rank in rep.ranks:
             steps = [r.step for r in snap.list_snapshots(area, rank) if r.kind == "slot"]
             if not steps:
-                return
+                return False
             newest[rank] = max(steps)
         step = min(newest.values())  # a step every rank of ours has
         if all(rep.sent.get(rank, -1) >= step for rank in rep.ranks):
-            return
+            return False
         copies = {rank: self.find(rep.job_id, rank, step) for rank in rep.ranks}
         if any(c is None for c in copies.values()):
-            return  # the ring moved on while we looked: take the next one
+            return False  # the ring moved on while we looked: take the next one
         for peer in rep.peers:
             with contextlib.suppress(OSError, http.client.HTTPException):
                 self._post(peer, f"/snapshots/{rep.job_id}/announce/{step}", b"")
@@ -361,6 +401,7 @@ class SnapshotStore:
             with self._lock:
                 rep.sent[rank] = step
             self._pin(rep.job_id, rank, step)
+        return True
 
     # -- HTTP to peers (the node token; bodies streamed under the bandwidth cap)
 
@@ -473,7 +514,8 @@ def handle(  # noqa: PLR0911 (one return per route and outcome reads best here)
         return 401, b"missing or wrong bearer token\n", text
     numbers = [int(p) for p in parts if p.isdigit()]
     if method == "POST" and len(parts) == 3 and parts[1] == "announce" and len(numbers) == 2:
-        store.announce(numbers[0], sender or "peer", numbers[1])
+        with store.counting():
+            store.announce(numbers[0], sender or "peer", numbers[1])
         return 200, b"{}", "application/json"
     if len(parts) == 3 and len(numbers) == 3:
         job_id, rank, step = numbers
@@ -484,7 +526,8 @@ def handle(  # noqa: PLR0911 (one return per route and outcome reads best here)
             return 200, b"".join(pack(*got)), "application/octet-stream"
         if method == "PUT":
             try:
-                store.receive(job_id, rank, step, body())
+                with store.counting():
+                    store.receive(job_id, rank, step, body())
             except ValueError as exc:
                 return 400, f"{exc}\n".encode(), text
             except BudgetError as exc:

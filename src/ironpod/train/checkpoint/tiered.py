@@ -44,8 +44,9 @@ class ControlFile:
         self._mtime: int | None = None
         self._advice: dict[str, Any] = {}
 
-    def durable_interval_s(self) -> float | None:
-        """The advised durable interval, or None (no file, no advice, unreadable)."""
+    def _number(self, key: str) -> float | None:
+        """A positive number the file advises under ``key``, or None (no file, no advice,
+        unreadable)."""
         if not self.path:
             return None
         try:
@@ -61,10 +62,19 @@ class ControlFile:
             except (OSError, ValueError) as exc:
                 _report(f"ignoring control file {self.path}: {exc}")
                 self._advice = {}
-        value = self._advice.get("durable_interval_s")
-        if isinstance(value, int | float) and value > 0:
+        value = self._advice.get(key)
+        if isinstance(value, int | float) and math.isfinite(value) and value > 0:
             return float(value)
         return None
+
+    def durable_interval_s(self) -> float | None:
+        """The controller's advised durable interval."""
+        return self._number("durable_interval_s")
+
+    def snapshot_agent_cpu_s(self) -> float | None:
+        """The agent's CPU seconds per memory snapshot of one rank (replication to the peer,
+        the peer's copy it receives, pinning), measured on this node."""
+        return self._number("snapshot_agent_cpu_s")
 
 
 #: ``memory_every`` value that lets the checkpointer choose the interval.
@@ -73,6 +83,9 @@ AUTO = "auto"
 AUTO_BUDGET = 0.01
 #: Steps measured (each snapshotted) before the automatic interval is first agreed.
 AUTO_PROBE_STEPS = 6
+#: Steps after the first agreement to the second: by then the agent has replicated snapshots
+#: and measured what that costs the node (the probe's agreement cannot know it yet).
+AUTO_RECHECK_STEPS = 30
 #: Steps between later re-agreements (step and snapshot times drift: evaluation, new data).
 AUTO_REVIEW_STEPS = 200
 #: The longest automatic interval: a restore from memory never replays more than this.
@@ -87,7 +100,9 @@ class AutoInterval:
     background work takes (at most one is in flight, so a shorter interval would make the next
     one wait). A snapshot's cost is its copy (what the step waited for) plus, when the state
     lives on the CPU, its background commit (checksums and metadata on the training's own
-    cores); on a GPU the background half runs on host cores the step does not use.
+    cores) and the agent's work for it (sending it to the peer, receiving the peer's copy,
+    pinning: measured by the agent, see ``observe_agent``), which on a CPU node runs on the
+    training's cores too; on a GPU both run on host cores the step does not use.
     """
 
     def __init__(
@@ -103,6 +118,11 @@ class AutoInterval:
         self.max_every = max_every
         self.step_s: deque[float] = deque(maxlen=window)
         self.costs: deque[tuple[float, float]] = deque(maxlen=window)  # (copy, background) s
+        self.agent_s = 0.0
+
+    def observe_agent(self, seconds: float) -> None:
+        """The agent's CPU seconds per snapshot of this rank, as it last measured them."""
+        self.agent_s = seconds
 
     def observe_step(self, seconds: float) -> None:
         self.step_s.append(seconds)
@@ -117,7 +137,7 @@ class AutoInterval:
         step = max(statistics.median(self.step_s), 1e-6)
         copy = statistics.median(c for c, _ in self.costs)
         background = statistics.median(b for _, b in self.costs)
-        cost = copy + background if on_cpu else copy
+        cost = copy + background + self.agent_s if on_cpu else copy
         every = max(math.ceil(cost / (self.budget * step)), math.ceil(background / step), 1)
         return min(every, self.max_every)
 
@@ -241,17 +261,22 @@ class TieredCheckpointer:
         return blocked
 
     def _maybe_agree(self, step: int) -> None:
-        """At the steps every rank knows (the probe's end, then every review), agree on the
-        automatic interval: each rank proposes from its own measurements, the longest wins."""
+        """At the steps every rank knows (the probe's end, the recheck, then every review),
+        agree on the automatic interval: each rank proposes from its own measurements, the
+        longest wins."""
         assert self._auto is not None and self._first_step is not None
         since = step - self._first_step
-        if since < AUTO_PROBE_STEPS or (since - AUTO_PROBE_STEPS) % AUTO_REVIEW_STEPS:
+        second = AUTO_PROBE_STEPS + AUTO_RECHECK_STEPS
+        if since != AUTO_PROBE_STEPS and (since < second or (since - second) % AUTO_REVIEW_STEPS):
             return
         assert self.memory is not None  # memory_every="auto" makes one
         for record in self.memory.history:
             if record.step > self._fed_step and record.committed and record.write_s is not None:
                 self._auto.observe_snapshot(record.blocked_s - record.waited_s, record.write_s)
                 self._fed_step = record.step
+        agent_s = self.control.snapshot_agent_cpu_s()
+        if agent_s is not None:
+            self._auto.observe_agent(agent_s)
         # A rank whose tier is off (refused room) still takes part: the others wait for it.
         proposal = self._auto.propose(on_cpu=not self.memory.on_cuda) or self.memory_every
         if self._decide_pg is not None:
