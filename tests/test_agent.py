@@ -579,15 +579,36 @@ def test_restarted_agent_kills_stale_workers(
     assert controller.registrations[0].labels == {"k": "v"}
 
 
+@pytest.mark.parametrize(
+    ("update", "code", "says"),
+    [
+        ({"command": ["/no/such/program"]}, 127, "/no/such/program"),
+        # the OS refuses these before exec: an agent once wedged (running, no process) on one
+        ({"command": ["echo", "a\x00b"]}, 126, "null byte"),
+        ({"env": {"BAD": "a\x00b"}}, 126, "null byte"),
+    ],
+    ids=["not-found", "nul-in-argv", "nul-in-env"],
+)
 def test_command_that_cannot_start_is_an_exit(
-    tmp_path: Path, controller: FakeController, start_agent: Callable[..., AgentThread]
+    tmp_path: Path,
+    controller: FakeController,
+    start_agent: Callable[..., AgentThread],
+    update: dict[str, object],
+    code: int,
+    says: str,
 ) -> None:
     agent = start_agent()
     a = make_assignment(tmp_path, "steady", ranks=1)
-    controller.assignment = a.model_copy(update={"command": ["/no/such/program"]})
+    controller.assignment = a.model_copy(update=update)
     _, event = wait_for(lambda: controller.events_of("exited"))[0]
-    assert event.exit_code == 127 and "/no/such/program" in event.detail
+    assert event.exit_code == code and says in event.detail
     assert "cannot start" in (agent.workdir / "logs/attempt-1/rank-10.log").read_text()
+    # the agent is not wedged: the next attempt runs
+    controller.assignment = make_assignment(tmp_path, "steady", ranks=1, attempt_id=2)
+    wait_for(
+        lambda: any(w.attempt_id == 2 and w.pid > 0 for w in controller.last_workers().values()),
+        what="the next attempt's worker",
+    )
 
 
 def test_refuses_a_busy_workdir_or_port(

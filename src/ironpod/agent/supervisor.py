@@ -254,7 +254,8 @@ class Supervisor:
                 if os.path.isdir(cwd):
                     worker.start(env, cwd, self._cpus)
                 else:
-                    _not_started(worker, f"cannot start: workdir {cwd!r} does not exist")
+                    # as a command not found (127): the controller fails the job at once
+                    worker.not_started(f"cannot start: workdir {cwd!r} does not exist")
             if worker.start_error:
                 self._on_exit(worker)
             self._write_workers_file()  # after each start: an agent may die between two
@@ -399,16 +400,6 @@ def read_error_file(path: Path) -> str | None:
         file, number = frames[-1]
         line += f" ({os.path.basename(file)}:{number})"
     return line
-
-
-def _not_started(worker: Worker, why: str) -> None:
-    """A worker that cannot start at all ends as a command not found does (exit 127), with
-    ``why`` as its start error: the controller fails the job at once with that line."""
-    worker.start_error = why
-    worker.returncode = 127
-    worker.ended_unix = time.time()
-    worker.log.note(why)
-    worker.log.close()
 
 
 def _open_log(path: Path) -> RankLog:

@@ -164,11 +164,13 @@ class Worker:
                 start_new_session=True,
             )
         except OSError as exc:
-            self.start_error = f"cannot start {argv[0]!r} in {cwd}: {exc.strerror or exc}"
-            self.returncode = _EXIT_NOT_FOUND if exc.errno == errno.ENOENT else _EXIT_NOT_EXECUTABLE
-            self.ended_unix = time.time()
-            self.log.note(self.start_error)
-            self.log.close()
+            code = _EXIT_NOT_FOUND if exc.errno == errno.ENOENT else _EXIT_NOT_EXECUTABLE
+            self.not_started(f"cannot start {argv[0]!r} in {cwd}: {exc.strerror or exc}", code)
+            return
+        except (ValueError, TypeError, subprocess.SubprocessError) as exc:
+            # A NUL byte in an argument or in the environment, say: the spec is refused at
+            # submit, but an agent must never be wedged by one (running, with no process).
+            self.not_started(f"cannot start {argv[0]!r}: {exc}", _EXIT_NOT_EXECUTABLE)
             return
         self.pid = self._proc.pid
         self.started_unix = time.time()
@@ -185,6 +187,14 @@ class Worker:
             target=self._pump, args=(self._proc.stdout,), name=f"pump-{name}", daemon=True
         ).start()
         threading.Thread(target=self._wait, name=f"wait-{name}", daemon=True).start()
+
+    def not_started(self, why: str, returncode: int = _EXIT_NOT_FOUND) -> None:
+        """End as a worker that never ran: ``why`` is the failure the controller reports."""
+        self.start_error = why
+        self.returncode = returncode
+        self.ended_unix = time.time()
+        self.log.note(why)
+        self.log.close()
 
     @property
     def running(self) -> bool:
