@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import stat
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -135,6 +136,40 @@ def test_crash_restores_from_own_node_memory(
         line = restored_from(home, api, view, rank)
         assert line.startswith(f"restored step {plan['step']} from memory (local)"), line
     assert_same_weights(tmp_path / "final.pt", reference)
+
+
+def exposed(root: Path) -> list[str]:
+    """What another user of the machine could read under ``root``: files readable by group or
+    others through directories all searchable by them (``root`` itself included)."""
+    found: list[str] = []
+
+    def walk(path: Path, reachable: bool) -> None:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            return
+        if path.is_dir():
+            for child in path.iterdir():
+                walk(child, reachable and bool(mode & 0o011))
+        elif reachable and mode & 0o044:
+            found.append(f"{path} ({oct(mode)})")
+
+    walk(root, True)
+    return found
+
+
+def test_state_logs_snapshots_and_checkpoints_are_private(
+    home: Path, api: IronpodClient, reference: Path
+) -> None:
+    """Issue 10, item 4: the database (every job's env), tokens, rank logs, memory snapshots
+    and durable checkpoints were 0644 in 0755 directories."""
+    view = api.job("reference")
+    shm = [Path(a.shm_dir) for a in local.require_cluster(home).agents.values()]
+    roots = [home / "controller", *(home / "nodes").iterdir(), *shm, reference.parent / "ckpt"]
+    assert ru.rank_log(home, api, view["attempts"][0], 0).exists()
+    assert list((reference.parent / "ckpt").iterdir()), "the job wrote durable checkpoints"
+    for root in roots:
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700, root
+        assert exposed(root) == [], root
 
 
 def test_node_loss_restores_the_lost_rank_from_its_peer(

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ironpod.agent.snapshots import SnapshotStore
 from ironpod.agent.snapshots import handle as handle_snapshots
+from ironpod.private import open_private_append, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,11 @@ class RankLog:
     """One rank's log file, appended to by the worker's output pump and by the agent."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         self.path = path
         self._lock = threading.Lock()
-        self._file = path.open("ab", buffering=0)  # unbuffered: every line is on disk at once
+        # unbuffered: every line is on disk at once; 0600: a job's output is its owner's
+        self._file = open(open_private_append(path), "ab", buffering=0)  # noqa: SIM115
 
     def write(self, data: bytes) -> None:
         with self._lock:

@@ -54,6 +54,7 @@ from ironpod.agent.supervisor import (
 )
 from ironpod.errors import ConfigError, errors_to_exit
 from ironpod.health import CheckResult, Level, Status
+from ironpod.private import private_dir
 from ironpod.wire import AgentNotice, Assignment, Heartbeat, NodeRegistration, WorkerEvent
 
 log = logging.getLogger("ironpod.agent")
@@ -143,7 +144,7 @@ class Agent:
         replication_bytes_s: float | None,
         health: HealthConfig | None = None,
     ) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(workdir)  # the workers' logs and files: 0700
         self.name = name
         self.address = address
         self.labels = labels

@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ironpod import snapshot as snap
+from ironpod.private import private_dir
 from ironpod.wire import AgentNotice, Assignment, SnapshotHolding
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ class SnapshotStore:
         node_token: str,
         bandwidth_bytes_s: float | None = None,
     ) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
+        self.root = private_dir(root)  # every job's weights: 0700
         self.budget_bytes = budget_bytes
         self.node_token = node_token
         #: Workers of this node prove who they are with this (they never see the node token).

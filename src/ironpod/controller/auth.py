@@ -13,6 +13,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from ironpod.private import private_dir
+
 TOKENS_FILE = "tokens.json"
 
 
@@ -28,11 +30,11 @@ def load_or_create_tokens(state_dir: Path, preset: str | None = None) -> Tokens:
     ``preset`` (from ``IRONPOD_PRESET_TOKEN``) becomes both tokens of a new directory: ``ironpod
     launch`` uses it where nodes share a secret but no file system (Kubernetes).
     """
+    private_dir(state_dir)  # its database holds every job's env; an older 0755 one is closed up
     path = state_dir / TOKENS_FILE
     if path.exists():
         data = json.loads(path.read_text())
         return Tokens(admin=data["admin"], join=data["join"])
-    state_dir.mkdir(parents=True, exist_ok=True)
     tokens = (
         Tokens(admin=preset, join=preset)
         if preset

@@ -83,7 +83,9 @@ class LocalStorage:
         return os.path.join(*parts)
 
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        # 0700 where it creates one (a checkpoint holds the weights and the data position);
+        # a directory the user made keeps the mode they gave it
+        os.makedirs(path, mode=0o700, exist_ok=True)
 
     def listdir(self, path: str) -> list[str]:
         try:

@@ -1,0 +1,33 @@
+"""Files only their owner can read: ironpod's state holds every job's env (its secrets), the
+workers' output, and the model's weights (memory snapshots, checkpoints).
+
+A directory made private here is mode 0700, so what it holds is out of other users' reach
+whatever the files' own modes (torch.distributed.checkpoint writes with the process umask).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (parents as usual) and make it 0700, closing up one made before this
+    rule; a directory someone else owns is left as it is."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    st = path.stat()
+    if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+        path.chmod(DIR_MODE)
+    return path
+
+
+def open_private_append(path: Path) -> int:
+    """A file descriptor appending to ``path``, created 0600 (an older file is closed up)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+        os.fchmod(fd, FILE_MODE)
+    return fd
