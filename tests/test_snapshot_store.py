@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -204,7 +205,76 @@ def test_worker_reservation_needs_the_worker_token(nodes: tuple[Node, Node]) -> 
 
     assert post("wrong") == 401
     assert post(TOKEN) == 401  # the node token is not a worker's
-    assert post(a.store.worker_token) == 200
+    assert post(a.store.worker_token(JOB + 1)) == 401  # another job's workers (issue 10)
+    assert post(a.store.worker_token(JOB)) == 200
+
+
+def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10) -> str:
+    """Send ``head`` (request line and headers, no blank line) and ``body`` as they are; the
+    status line of the reply, or "" when the server closed the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as conn:
+        conn.sendall(head.encode() + b"\r\n\r\n" + body)
+        reply = conn.makefile("rb").readline()
+    return reply.decode(errors="replace").strip()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # a length that is not a byte count, or past the route's bound: refused unread
+        ("POST /snapshots/reserve HTTP/1.1\r\nContent-Length: -1", "400"),
+        ("POST /snapshots/reserve HTTP/1.1\r\nContent-Length: 1e9", "400"),
+        ("POST /snapshots/reserve HTTP/1.1\r\nContent-Length: 99999999", "413"),
+        ("POST /snapshots/reserve HTTP/1.1", "411"),
+        (f"PUT /snapshots/{JOB}/0/5 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "411"),
+        (
+            f"PUT /snapshots/{JOB}/0/5 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Length: {10**8 + 2**21}",
+            "413",
+        ),
+        # ids that are not ASCII integers of 64 bits name no snapshot and no log
+        (f"GET /snapshots/{JOB}/0/\u00b2 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
+        (f"GET /snapshots/{JOB}/0/{'9' * 30} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
+        (f"GET /logs/1/\u00b2 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
+        (f"GET /logs/{'9' * 30}/0 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
+    ],
+    ids=[
+        "negative",
+        "float",
+        "huge",
+        "none",
+        "put-none",
+        "put-over-budget",
+        "unicode-digit",
+        "step-too-big",
+        "log-unicode-digit",
+        "log-id-too-big",
+    ],
+)
+def test_the_agent_refuses_bad_lengths_and_ids_with_a_status(
+    nodes: tuple[Node, Node], head: str, status: str
+) -> None:
+    """Issue 10: a negative Content-Length read until the client hung up, a unicode digit
+    in a route raised in the handler (the connection dropped without an answer)."""
+    a, _ = nodes
+    assert raw_request(a.url, head).split(" ")[1] == status
+
+
+def test_a_silent_client_is_disconnected(
+    nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that sends nothing holds a server thread only until the socket timeout."""
+    from ironpod.agent import logs
+
+    a, _ = nodes
+    monkeypatch.setattr(logs._Handler, "timeout", 0.5)
+    host, port = a.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /snapshots/reserve HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        assert conn.recv(1) == b""  # closed by the server, not by our own 30 s timeout
+    assert time.monotonic() - started < 25
 
 
 @pytest.mark.parametrize("name", ["{outside}", "../../../../../../../../..{outside}", "x.bin"])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
-from ironpod.agent.snapshots import SnapshotStore
+from ironpod.agent.snapshots import BodyError, SnapshotStore
 from ironpod.agent.snapshots import handle as handle_snapshots
 from ironpod.private import open_private_append, private_dir
 
@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 #: Most bytes one GET returns; a reader asks again for the rest.
 MAX_CHUNK = 4 * 1024 * 1024
 NOTE_PREFIX = "[ironpod agent]"
-_LOG_ROUTE = re.compile(r"^/logs/(\d+)/(\d+)$")
+_LOG_ROUTE = re.compile(r"^/logs/([0-9]{1,18})/([0-9]{1,18})$")  # ASCII digits, int64
+#: A connection that sends nothing for this long is closed (a stalled or idle client would
+#: otherwise hold one of the server's threads for ever).
+SOCKET_TIMEOUT_S = 60.0
 
 
 def log_path(logs_root: Path, attempt_id: int, rank: int) -> Path:
@@ -78,6 +81,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "ironpod-agent"
+    timeout = SOCKET_TIMEOUT_S
 
     def do_POST(self) -> None:
         self._snapshots("POST")
@@ -93,9 +97,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, b"not found\n")
             return
 
-        def body() -> bytes:
-            length = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(length)
+        def body(limit: int) -> bytes:
+            given = self.headers.get("Content-Length")
+            if given is None:
+                raise BodyError(411, "a Content-Length is required")
+            if not given.isascii() or not given.isdigit():
+                raise BodyError(400, f"Content-Length {given[:40]!r} is not a byte count")
+            if int(given) > limit:
+                raise BodyError(413, f"a body of {int(given)} bytes is over this route's {limit}")
+            return self.rfile.read(int(given))
 
         code, data, content_type = handle_snapshots(
             server.snapshots,

@@ -335,7 +335,7 @@ class Agent:
         extra = {
             env.SNAPSHOT_DIR: str(area),
             env.AGENT_URL: self.http.url,
-            env.AGENT_TOKEN: self.snapshots.worker_token,
+            env.AGENT_TOKEN: self.snapshots.worker_token(a.job_id),
             env.CONTROL_FILE: str(self._control_file(a.job_id)),
         }
         if a.restore is not None:

@@ -18,9 +18,11 @@ the worker that wrote it. The store:
 from __future__ import annotations
 
 import contextlib
+import hmac
 import http.client
 import json
 import logging
+import re
 import secrets
 import shutil
 import statistics
@@ -94,8 +96,9 @@ class SnapshotStore:
         self.root = private_dir(root)  # every job's weights: 0700
         self.budget_bytes = budget_bytes
         self.node_token = node_token
-        #: Workers of this node prove who they are with this (they never see the node token).
-        self.worker_token = secrets.token_urlsafe(24)
+        # Workers prove who they are with a token of their job's (worker_token): they never
+        # see the node token, and one job's workers cannot reserve memory in another's name.
+        self._worker_secret = secrets.token_bytes(32)
         self.bandwidth_bytes_s = bandwidth_bytes_s
         self._lock = threading.RLock()
         self._reserved: dict[tuple[int, int], int] = {}  # (job, rank) -> bytes
@@ -120,6 +123,10 @@ class SnapshotStore:
 
     def start(self) -> None:
         self._thread.start()
+
+    def worker_token(self, job_id: int) -> str:
+        """The bearer token of this node's workers of job ``job_id`` (snapshot reservations)."""
+        return hmac.new(self._worker_secret, f"job-{job_id}".encode(), "sha256").hexdigest()
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
@@ -487,32 +494,77 @@ class SnapshotStore:
         return f"rank {rank}: step {step} not fetched ({'; '.join(problems) or 'no source'})"
 
 
-def handle(  # noqa: PLR0911 (one return per route and outcome reads best here)
+class BodyError(Exception):
+    """A request body refused before it is read: its HTTP status and the reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+#: An id or a step in a route: ASCII digits that fit the database's 64-bit integers.
+_NUMBER = re.compile(r"[0-9]{1,18}")
+#: Most bytes of a reservation request (a small JSON object).
+_RESERVE_MAX_BYTES = 4096
+#: An upload may exceed the store's budget by this much (the commit record in front).
+_PUT_SLACK_BYTES = 2**20
+
+
+def _reservation(req: object) -> tuple[int, int, int, int]:
+    if not isinstance(req, dict):
+        raise ValueError("a JSON object with job_id, rank, slot_bytes and slots")
+    out = []
+    for key in ("job_id", "rank", "slot_bytes", "slots"):
+        value = req.get(key)
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            value = int(value)  # the workers send the job's id as text (IRONPOD_JOB_ID)
+        if type(value) is not int or not 0 <= value < 2**63:
+            raise ValueError(f"{key} must be a non-negative 64-bit integer, got {value!r}")
+        out.append(value)
+    return out[0], out[1], out[2], out[3]
+
+
+def handle(
     store: SnapshotStore,
     method: str,
     parts: list[str],
-    body: Callable[[], bytes],
+    body: Callable[[int], bytes],
     token_ok: Callable[[str], bool],
     sender: str = "",
 ) -> tuple[int, bytes, str]:
-    """The agent's ``/snapshots/...`` routes: (status, body, content type)."""
+    """The agent's ``/snapshots/...`` routes: (status, body, content type). ``body(limit)``
+    reads the request body, raising :class:`BodyError` past ``limit`` bytes."""
+    text = "text/plain; charset=utf-8"
+    try:
+        return _route(store, method, parts, body, token_ok, sender)
+    except BodyError as exc:
+        return exc.status, f"{exc}\n".encode(), text
+
+
+def _route(  # noqa: PLR0911 (one return per route and outcome reads best here)
+    store: SnapshotStore,
+    method: str,
+    parts: list[str],
+    body: Callable[[int], bytes],
+    token_ok: Callable[[str], bool],
+    sender: str,
+) -> tuple[int, bytes, str]:
     text = "text/plain; charset=utf-8"
     if method == "POST" and parts == ["reserve"]:
-        if not token_ok(store.worker_token):
-            return 401, b"missing or wrong worker token\n", text
+        # The job's id is in the (small, bounded) body and the token is that job's.
         try:
-            req = json.loads(body())
-            reason = store.reserve(
-                int(req["job_id"]), int(req["rank"]), int(req["slot_bytes"]), int(req["slots"])
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            job_id, rank, slot_bytes, slots = _reservation(json.loads(body(_RESERVE_MAX_BYTES)))
+        except ValueError as exc:
             return 400, f"bad reservation: {exc}\n".encode(), text
+        if not token_ok(store.worker_token(job_id)):
+            return 401, f"missing or wrong worker token for job {job_id}\n".encode(), text
+        reason = store.reserve(job_id, rank, slot_bytes, slots)
         if reason is not None:
             return 507, json.dumps({"reason": reason}).encode(), "application/json"
         return 200, b'{"granted": true}', "application/json"
     if not token_ok(store.node_token):
         return 401, b"missing or wrong bearer token\n", text
-    numbers = [int(p) for p in parts if p.isdigit()]
+    numbers = [int(p) for p in parts if _NUMBER.fullmatch(p)]
     if method == "POST" and len(parts) == 3 and parts[1] == "announce" and len(numbers) == 2:
         with store.counting():
             store.announce(numbers[0], sender or "peer", numbers[1])
@@ -527,7 +579,7 @@ def handle(  # noqa: PLR0911 (one return per route and outcome reads best here)
         if method == "PUT":
             try:
                 with store.counting():
-                    store.receive(job_id, rank, step, body())
+                    store.receive(job_id, rank, step, body(store.budget_bytes + _PUT_SLACK_BYTES))
             except ValueError as exc:
                 return 400, f"{exc}\n".encode(), text
             except BudgetError as exc:
