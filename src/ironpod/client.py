@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, cast
@@ -192,12 +193,26 @@ def is_terminal(job: JobView) -> bool:
 class IronpodClient:
     """One controller, one token. Thread-compatible, not thread-safe (one httpx.Client)."""
 
-    def __init__(self, url: str, token: str | None, *, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        timeout_s: float = TIMEOUT_S,
+        ca_file: Path | None = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"controller URL {url!r}: expected http://HOST:PORT")
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        verify: ssl.SSLContext | bool = True  # https without a CA file: the system's store
+        if ca_file is not None:
+            if not ca_file.is_file():
+                raise ConfigError(f"CA file {ca_file}: no such file (set {env.CA_FILE})")
+            verify = ssl.create_default_context(cafile=str(ca_file))
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout_s, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -404,4 +419,16 @@ def _is_loopback(url: str) -> bool:
 
 def client_from_env(url: str | None = None, token: str | None = None) -> IronpodClient:
     found_url, found_token = discover(url, token)
-    return IronpodClient(found_url, found_token)
+    return IronpodClient(found_url, found_token, ca_file=discover_ca(found_url))
+
+
+def discover_ca(url: str) -> Path | None:
+    """The CA an https:// controller is verified with: ``IRONPOD_CA_FILE``, else the local
+    cluster's (for a loopback URL), else None (the system's trust store)."""
+    if not url.startswith("https://"):
+        return None
+    given = os.environ.get(env.CA_FILE)
+    if given:
+        return Path(given)
+    local = ironpod_home() / "controller" / "tls" / "ca.pem"
+    return local if _is_loopback(url) and local.is_file() else None

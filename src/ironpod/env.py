@@ -89,6 +89,11 @@ HOME = "IRONPOD_HOME"
 URL = "IRONPOD_URL"
 #: Bearer token for the CLI (default: the local cluster's admin token).
 TOKEN = "IRONPOD_TOKEN"
+#: The CA that an https:// controller's certificate is checked against (default: the local
+#: cluster's, ``$IRONPOD_HOME/controller/tls/ca.pem``, else the system's trust store).
+CA_FILE = "IRONPOD_CA_FILE"
+#: For workers: the cluster CA their agent's https:// URL is verified with (set by the agent).
+AGENT_CA_FILE = "IRONPOD_AGENT_CA_FILE"
 
 #: A secret that a NEW controller state directory adopts as both its admin and join token
 #: (``ironpod launch`` on nodes that share a secret but no file system). Separate from TOKEN so
@@ -140,5 +145,7 @@ ALL = (
     HOME,
     URL,
     TOKEN,
+    CA_FILE,
+    AGENT_CA_FILE,
     PRESET_TOKEN,
 )

@@ -209,3 +209,17 @@ class WorkerEvent(_Wire):
     #: A failed rank's own account of its failure, one line: the error that
     #: ``torch.distributed.elastic``'s ``@record`` wrote to ``TORCHELASTIC_ERROR_FILE``.
     error: str | None = None
+
+
+class CertificateRequest(_Wire):
+    """An agent asks for its serving certificate (cluster TLS, see :mod:`ironpod.tls`)."""
+
+    csr_pem: str = Field(max_length=16384, description="a PEM certificate request (EC key)")
+    address: str = Field(
+        max_length=253, description="the address the agent serves on: the certificate's name"
+    )
+
+
+class CertificateReply(_Wire):
+    cert_pem: str = Field(description="the agent's certificate, signed by the cluster CA")
+    ca_pem: str = Field(description="the cluster CA: what peers' certificates are signed by")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from ironpod.wire import (
+    CertificateReply,
+    CertificateRequest,
     Heartbeat,
     HeartbeatReply,
     NodeRegistration,
@@ -55,12 +58,30 @@ class ControllerClient:
     """One httpx client per calling thread's purpose (httpx clients are not shared across
     the heartbeat and event threads, so a slow heartbeat never queues an event behind it)."""
 
-    def __init__(self, join_url: str, token: str, *, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        join_url: str,
+        token: str,
+        *,
+        timeout_s: float = TIMEOUT_S,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._http = httpx.Client(
             base_url=join_url.rstrip("/") + API,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout_s,
+            verify=tls if tls is not None else True,
         )
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def certificate(self, request: CertificateRequest) -> CertificateReply:
+        """This node's serving certificate, signed by the cluster CA (TLS clusters)."""
+        return _parse(CertificateReply, self._post("/nodes/certificate", request))
 
     def register(self, registration: NodeRegistration) -> RegistrationReply:
         return _parse(RegistrationReply, self._post("/nodes/register", registration))

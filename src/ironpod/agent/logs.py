@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import socket
+import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -77,6 +79,14 @@ class _Server(ThreadingHTTPServer):
         self.token = token
         self.info = info
         self.snapshots: SnapshotStore | None = None
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that fails the TLS handshake, hangs up or goes silent is its own problem:
+        # a debug line, not a traceback on stderr per probe of the port; anything else is ours.
+        if isinstance(sys.exc_info()[1], ssl.SSLError | ConnectionError | TimeoutError):
+            log.debug("http: request from %s failed", client_address, exc_info=True)
+        else:
+            log.exception("http: request from %s failed", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,9 +186,20 @@ class LogServer:
     """The agent's HTTP server, on its own thread."""
 
     def __init__(
-        self, address: str, port: int, logs_root: Path, token: str, info: dict[str, str]
+        self,
+        address: str,
+        port: int,
+        logs_root: Path,
+        token: str,
+        info: dict[str, str],
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._server = _Server((address, port), logs_root, token, info)
+        if tls is not None:  # the handshake runs on the request's thread, not the accept loop
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self.scheme = "https" if tls is not None else "http"
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.1,), name="agent-http", daemon=True
         )
@@ -187,7 +208,7 @@ class LogServer:
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
     def serve_snapshots(self, store: SnapshotStore) -> None:
         self._server.snapshots = store

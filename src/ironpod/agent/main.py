@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -32,11 +33,12 @@ from typing import IO
 import psutil
 
 import ironpod
-from ironpod import env
+from ironpod import env, tls
 from ironpod.agent.beacons import BeaconReceiver, beacon_socket_path
 from ironpod.agent.client import (
     Backoff,
     ControllerClient,
+    ControllerError,
     ControllerRejectedError,
     ControllerUnavailableError,
     EventSender,
@@ -55,7 +57,14 @@ from ironpod.agent.supervisor import (
 from ironpod.errors import ConfigError, errors_to_exit
 from ironpod.health import CheckResult, Level, Status
 from ironpod.private import private_dir
-from ironpod.wire import AgentNotice, Assignment, Heartbeat, NodeRegistration, WorkerEvent
+from ironpod.wire import (
+    AgentNotice,
+    Assignment,
+    CertificateRequest,
+    Heartbeat,
+    NodeRegistration,
+    WorkerEvent,
+)
 
 log = logging.getLogger("ironpod.agent")
 
@@ -90,6 +99,8 @@ def run_agent(
     replication_mb_s: float | None = None,
     stop_event: threading.Event | None = None,
     health: HealthConfig | None = None,
+    ca_hash: str | None = None,
+    ca_file: str | None = None,
 ) -> None:
     """Run this node's agent until ``stop_event`` is set or SIGTERM/SIGINT arrives.
 
@@ -100,6 +111,8 @@ def run_agent(
     ``memory_budget`` ("25%" of RAM, or bytes like "8GiB"); copies to peers are sent at no more
     than ``replication_mb_s`` MB/s. ``health`` paces the node's health checks
     (:mod:`ironpod.agent.health`; default: none here, the command lines choose deep).
+    An https:// ``join_url`` is verified against ``ca_file`` or the CA whose hash is
+    ``ca_hash`` (:mod:`ironpod.tls`); the agent then serves https too.
     """
     stop = stop_event or threading.Event()
     with _stop_on_signals(stop):
@@ -117,6 +130,8 @@ def run_agent(
             memory_budget_bytes=parse_budget(memory_budget),
             replication_bytes_s=replication_mb_s * 1e6 if replication_mb_s else None,
             health=health or HealthConfig(join_level=None),
+            ca_hash=ca_hash,
+            ca_file=Path(ca_file) if ca_file else None,
         )
         try:
             agent.run(stop)
@@ -143,6 +158,8 @@ class Agent:
         memory_budget_bytes: int,
         replication_bytes_s: float | None,
         health: HealthConfig | None = None,
+        ca_hash: str | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         private_dir(workdir)  # the workers' logs and files: 0700
         self.name = name
@@ -161,7 +178,21 @@ class Agent:
         with contextlib.ExitStack() as parts:
             parts.callback(_lock_workdir(workdir).close)
             kill_stale_workers(workdir)
-            self.http = _listen(address, http_port, workdir / "logs", token, name, self.instance)
+            self.tls = tls.agent_tls(
+                workdir,
+                join_url,
+                address,
+                ca_hash_pin=ca_hash,
+                ca_file=ca_file,
+                request_certificate=lambda ctx, csr, where: _certificate(
+                    join_url, token, ctx, csr, where
+                ),
+            )
+            server_tls = self.tls.server if self.tls else None
+            controller_tls = self.tls.controller if self.tls else None
+            self.http = _listen(
+                address, http_port, workdir / "logs", token, name, self.instance, server_tls
+            )
             parts.callback(self.http.close)
             self.snapshots = SnapshotStore(
                 shm_dir,
@@ -169,12 +200,15 @@ class Agent:
                 node_token=token,
                 bandwidth_bytes_s=replication_bytes_s,
             )
+            self.snapshots.tls_client = self.tls.peers if self.tls else None
             parts.callback(self.snapshots.close)
             self.http.serve_snapshots(self.snapshots)
-            self._client = ControllerClient(join_url, token)
+            self._client = ControllerClient(join_url, token, tls=controller_tls)
             parts.callback(self._client.close)
             self.events = EventSender(
-                ControllerClient(join_url, token), lambda: self.node_id, self._after_event
+                ControllerClient(join_url, token, tls=controller_tls),
+                lambda: self.node_id,
+                self._after_event,
             )
             parts.callback(self.events.close)
             parts.callback(self.events.flush, _FLUSH_EVENTS_S)
@@ -338,6 +372,8 @@ class Agent:
             env.AGENT_TOKEN: self.snapshots.worker_token(a.job_id),
             env.CONTROL_FILE: str(self._control_file(a.job_id)),
         }
+        if self.tls is not None:  # the workers verify their agent's https URL with it
+            extra[env.AGENT_CA_FILE] = str(self.tls.peer_ca)
         if a.restore is not None:
             extra[env.RESTORE_STEP] = str(a.restore.step)
             for rank in a.ranks:
@@ -443,11 +479,30 @@ class Agent:
         log.info("agent %s stopped", self.name)
 
 
+def _certificate(
+    join_url: str, token: str, ctx: ssl.SSLContext, csr: str, address: str
+) -> tuple[str, str]:
+    """The controller signs this agent's serving certificate: (certificate, cluster CA)."""
+    with ControllerClient(join_url, token, tls=ctx) as client:
+        try:
+            reply = client.certificate(CertificateRequest(csr_pem=csr, address=address))
+        except ControllerError as exc:
+            raise ConfigError(f"cannot get this node's TLS certificate: {exc}") from None
+    return reply.cert_pem, reply.ca_pem
+
+
 def _listen(
-    address: str, port: int, logs_root: Path, token: str, name: str, instance: str
+    address: str,
+    port: int,
+    logs_root: Path,
+    token: str,
+    name: str,
+    instance: str,
+    server_tls: ssl.SSLContext | None,
 ) -> LogServer:
     try:
-        return LogServer(address, port, logs_root, token, {"name": name, "instance": instance})
+        info = {"name": name, "instance": instance}
+        return LogServer(address, port, logs_root, token, info, server_tls)
     except OSError as exc:
         raise ConfigError(f"cannot serve logs on {address}:{port}: {exc.strerror}") from None
 

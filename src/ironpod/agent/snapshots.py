@@ -25,6 +25,7 @@ import logging
 import re
 import secrets
 import shutil
+import ssl
 import statistics
 import threading
 import time
@@ -120,6 +121,8 @@ class SnapshotStore:
         self._cpu_mark = 0.0
         self._cpu_per_snapshot: deque[float] = deque(maxlen=8)
         self.self_url = ""  # this agent's URL, sent along so peers know who announced
+        #: How peers' https URLs are verified (the cluster CA), when the cluster runs TLS.
+        self.tls_client: ssl.SSLContext | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -414,9 +417,13 @@ class SnapshotStore:
 
     def _connection(self, url: str) -> http.client.HTTPConnection:
         parts = urlsplit(url)
-        return http.client.HTTPConnection(
-            parts.hostname or "127.0.0.1", parts.port or 80, timeout=_HTTP_TIMEOUT_S
-        )
+        host = parts.hostname or "127.0.0.1"
+        if parts.scheme == "https":
+            # peers' certificates are the cluster CA's (ironpod.tls); never plain fallback
+            return http.client.HTTPSConnection(
+                host, parts.port or 443, timeout=_HTTP_TIMEOUT_S, context=self.tls_client
+            )
+        return http.client.HTTPConnection(host, parts.port or 80, timeout=_HTTP_TIMEOUT_S)
 
     def _post(self, url: str, path: str, body: bytes) -> None:
         conn = self._connection(url)

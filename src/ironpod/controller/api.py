@@ -17,7 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ironpod import __version__
+from ironpod.controller import certificates
 from ironpod.controller.auth import Tokens
+from ironpod.controller.certificates import ControllerTls
 from ironpod.controller.db import Attempt, Event, Job, Node
 from ironpod.controller.ledger import goodput
 from ironpod.controller.service import Controller, NotFoundError
@@ -34,7 +36,11 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
+def create_app(
+    controller: Controller, tokens: Tokens, cluster_tls: ControllerTls | None = None
+) -> FastAPI:
+    """``cluster_tls``: the controller runs TLS; it signs agents' certificates and verifies
+    agents against the cluster CA when it calls them."""
     app = FastAPI(title="ironpod controller", version=__version__)
 
     def admin(credentials: Credentials) -> None:
@@ -200,6 +206,7 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
                 params={"offset": offset},
                 headers={"Authorization": f"Bearer {tokens.join}"},
                 timeout=10,
+                verify=cluster_tls.agents if cluster_tls is not None else True,
             )
         except httpx.HTTPError as exc:
             raise HTTPException(502, f"node {node.name} unreachable for logs: {exc}") from None
@@ -217,6 +224,8 @@ def create_app(controller: Controller, tokens: Tokens) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
+    if cluster_tls is not None:
+        app.include_router(certificates.router(cluster_tls, agent))
     app.include_router(nodes_api)
     app.include_router(api)
     return app

@@ -6,14 +6,17 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
-from ironpod import env
+from ironpod import env, tls
 from ironpod.controller.api import create_app
 from ironpod.controller.auth import load_or_create_tokens
+from ironpod.controller.certificates import ControllerTls
 from ironpod.controller.service import Controller, ControllerConfig
+from ironpod.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +44,66 @@ def serve(
     db_url: str | None = None,
     config: ControllerConfig | None = None,
     reconcile_period_s: float = 1.0,
+    tls: TlsOptions | None = None,
 ) -> None:
-    """Run until interrupted. State lives in ``db_url`` (default: SQLite in ``state_dir``)."""
+    """Run until interrupted. State lives in ``db_url`` (default: SQLite in ``state_dir``).
+    With ``tls`` the API is HTTPS only (see :mod:`ironpod.tls`)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     url = db_url or f"sqlite:///{state_dir / 'ironpod.db'}"
     tokens = load_or_create_tokens(state_dir, os.environ.get(env.PRESET_TOKEN) or None)
     controller = Controller(url, state_dir, config or ControllerConfig())
-    app = create_app(controller, tokens)
+    cluster_tls, files = _tls(state_dir, host, tls) if tls is not None else (None, None)
+    app = create_app(controller, tokens, cluster_tls)
     stop = threading.Event()
     loop = threading.Thread(
         target=reconcile_forever, args=(controller, stop, reconcile_period_s), daemon=True
     )
     loop.start()
-    log.info("controller on http://%s:%d, state in %s", host, port, url)
+    scheme = "https" if files is not None else "http"
+    log.info("controller on %s://%s:%d, state in %s", scheme, host, port, url)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            ssl_certfile=str(files.cert) if files else None,
+            ssl_keyfile=str(files.key) if files else None,
+        )
     finally:
         stop.set()
         controller.wake.set()
         loop.join(timeout=5)
         controller.engine.dispose()
         time.sleep(0)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """The controller's TLS: its own certificate and key (PEM; else one the cluster CA signs
+    at first start), and extra names for a generated one (a load balancer's, say)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    names: tuple[str, ...] = ()
+
+
+def _tls(state_dir: Path, host: str, options: TlsOptions) -> tuple[ControllerTls, tls.TlsFiles]:
+    authority = tls.Authority.load_or_create(state_dir / "tls")
+    ca_file = state_dir / "tls" / "ca.pem"
+    if options.cert is not None and options.key is not None:
+        for path in (options.cert, options.key):
+            if not path.is_file():
+                raise ConfigError(f"--tls-cert/--tls-key: {path} is not a file")
+        files = tls.TlsFiles(cert=options.cert, key=options.key, ca=options.cert)
+        log.info("TLS with %s; agents verify it with --ca-file (your CA)", options.cert)
+    elif options.cert is not None or options.key is not None:
+        raise ConfigError("--tls-cert and --tls-key go together")
+    else:
+        files = tls.controller_files(state_dir, host, list(options.names))
+        log.info(
+            "TLS; agents join with --ca-hash %s (the cluster CA, %s)",
+            tls.ca_hash(authority.pem),
+            ca_file,
+        )
+    return ControllerTls(authority, tls.client_context(ca_file)), files

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -512,8 +513,12 @@ class MemorySnapshots:
                 "Authorization": f"Bearer {os.environ.get(env.AGENT_TOKEN, '')}",
             },
         )
+        ca_file = os.environ.get(env.AGENT_CA_FILE)  # an agent serving https (cluster TLS)
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
         try:
-            with urllib.request.urlopen(request, timeout=RESERVE_TIMEOUT_S) as reply:
+            with urllib.request.urlopen(
+                request, timeout=RESERVE_TIMEOUT_S, context=context
+            ) as reply:
                 if reply.status == 200:
                     return None
                 return f"agent refused the reservation (HTTP {reply.status})"
