@@ -150,15 +150,13 @@ def controller(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An HTTPS controller (its CA made at first start) as a process: (url, state dir)."""
     state = tmp_path / "controller"
     port = free_port()
-    code = (
-        "import logging, sys; from pathlib import Path\n"
-        "from ironpod.controller.server import serve, TlsOptions\n"
-        "logging.basicConfig(level=logging.INFO)\n"
-        f"serve(host='127.0.0.1', port={port}, state_dir=Path(sys.argv[1]), tls=TlsOptions())\n"
-    )
     log = (tmp_path / "controller.log").open("wb")
+    argv = [sys.executable, "-m", "ironpod.cli", "controller", "--tls", "--host", "127.0.0.1"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(state)], env=clean_env(), stdout=log, stderr=log
+        [*argv, "--port", str(port), "--state-dir", str(state)],
+        env=clean_env(),
+        stdout=log,
+        stderr=log,
     )
     url = f"https://127.0.0.1:{port}"
     try:
@@ -186,6 +184,7 @@ def test_a_cluster_runs_over_tls_end_to_end(controller: tuple[str, Path], tmp_pa
     url, state = controller
     tokens = load_or_create_tokens(state)
     pin = tls.ca_hash((state / "tls" / "ca.pem").read_bytes())
+    assert f"--ca-hash {pin}" in (tmp_path / "controller.log").read_text()  # the join line
     with pytest.raises(httpx.HTTPError):  # no plain HTTP, and not trusted without the CA
         httpx.get(url.replace("https", "http") + "/healthz", timeout=5)
     with pytest.raises(httpx.HTTPError):

@@ -623,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a HealthThresholds field, e.g. min_free_disk_gib=1 (repeatable)",
     )
+    parser.add_argument("--ca-hash", metavar="sha256:HEX", help="an https controller's CA pin")
+    parser.add_argument("--ca-file", metavar="PEM", help="or the CA it is verified with")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -648,5 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                 skip=frozenset(args.health_skip),
                 thresholds=parse_thresholds(args.health_threshold),
             ),
+            ca_hash=args.ca_hash,
+            ca_file=args.ca_file,
         )
     return 0

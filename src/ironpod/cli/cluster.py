@@ -133,10 +133,26 @@ def controller(
         typer.Option(help="on a failed health check: quarantine (and restart its job) or label"),
     ] = "quarantine",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="HTTPS only, with a cluster CA made at first start [default: on unless the "
+            "host is loopback]",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="your own server certificate (PEM) instead")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its private key (PEM)")] = None,
+    tls_name: Annotated[
+        list[str] | None,
+        typer.Option(help="another name the controller is reached by (repeatable)"),
+    ] = None,
 ) -> None:
     """Run the controller (API server and reconciler) in the foreground."""
     from ironpod.controller.health import parse_action
-    from ironpod.controller.server import serve
+    from ironpod.controller.server import TlsOptions, serve
     from ironpod.controller.service import ControllerConfig
 
     _check_listen(host, port)
@@ -153,7 +169,14 @@ def controller(
         state_dir=(state_dir or home() / "controller").expanduser().resolve(),
         db_url=db,
         config=config,
+        tls=TlsOptions(tls_cert, tls_key, tuple(tls_name or ()))
+        if (tls if tls is not None else not _is_loopback(host))
+        else None,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def agent(
@@ -193,6 +216,13 @@ def agent(
         typer.Option(help="HealthThresholds field KEY=VALUE, e.g. min_free_disk_gib=1"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    ca_hash: Annotated[
+        str | None,
+        typer.Option(help="an https controller's CA, sha256:... (the controller prints it)"),
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="or the CA file an https controller is verified with")
+    ] = None,
 ) -> None:
     """Run this node's agent in the foreground until SIGTERM or SIGINT."""
     from ironpod.agent.health import HealthConfig, parse_level, parse_thresholds
@@ -219,6 +249,8 @@ def agent(
             skip=frozenset(health_skip or []),
             thresholds=parse_thresholds(health_threshold or []),
         ),
+        ca_hash=ca_hash,
+        ca_file=str(ca_file) if ca_file else None,
     )
 
 
