@@ -111,6 +111,7 @@ class FakeController:
     def __init__(self, port: int = 0, interval_s: float = 0.2) -> None:
         self.interval_s = interval_s
         self.registrations: list[NodeRegistration] = []
+        self.credential = ""  # the node's, from its last registration
         self.heartbeats: list[Heartbeat] = []
         self.heartbeat_times: list[float] = []
         self.events: list[tuple[float, WorkerEvent]] = []
@@ -134,7 +135,10 @@ class FakeController:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                # the join token registers; the node's credential is for everything else
+                register = self.path == "/api/v1/nodes/register"
+                bearer = TOKEN if register else fake.credential
+                if self.headers.get("Authorization") != f"Bearer {bearer}":
                     self._send(401, {"detail": "bad token"})
                     return
                 code, reply = fake.handle(self.path, body)
@@ -158,7 +162,12 @@ class FakeController:
         with self.lock:
             if path == "/api/v1/nodes/register":
                 self.registrations.append(NodeRegistration.model_validate_json(body))
-                reply = RegistrationReply(node_id=NODE_ID, heartbeat_interval_s=self.interval_s)
+                self.credential = f"node-credential-{len(self.registrations)}"
+                reply = RegistrationReply(
+                    node_id=NODE_ID,
+                    heartbeat_interval_s=self.interval_s,
+                    credential=self.credential,
+                )
                 return 200, reply.model_dump()
             if path == f"/api/v1/nodes/{NODE_ID}/heartbeat":
                 self.heartbeats.append(Heartbeat.model_validate_json(body))
@@ -371,7 +380,12 @@ def test_registers_starts_workers_with_env_beacons_and_serves_logs(
     assert tail.content == whole.content[4:]
     assert get_log(url, 1, 99).status_code == 404
     assert httpx.get(f"{url}/logs/1/10").status_code == 401
-    assert httpx.get(f"{url}/healthz").json()["ok"] is True
+    health = httpx.get(f"{url}/healthz").json()
+    assert health["ok"] is True and "instance" not in health  # the instance id is no secret
+    # the agent keeps its node credential (for a restart to prove it is this node) privately
+    credential = agent.workdir / "credential"
+    assert credential.read_text() == controller.credential
+    assert credential.stat().st_mode & 0o077 == 0
 
 
 def test_exit_code_and_kill_signal_reported_at_once(
@@ -519,6 +533,7 @@ def test_controller_outage_and_reregistration_keep_workers(
         wait_for(lambda: gone(status.pid), timeout=60, what="the worker's exit during the outage")
         second = FakeController(port=first.port)
         second.assignment = first.assignment
+        second.credential = first.credential  # the same controller state, back again
         try:
             _, event = wait_for(lambda: second.events_of("exited"), what="event after outage")[0]
             assert event.exit_code == 4
@@ -526,6 +541,7 @@ def test_controller_outage_and_reregistration_keep_workers(
             second.reregister_next = True  # now it has lost us
             reg = wait_for(lambda: second.registrations, what="re-registration")[0]
             assert reg.agent_instance == first.registrations[0].agent_instance
+            assert reg.credential == first.credential  # it proves it is that node
             count = len(second.heartbeats)
             wait_for(lambda: len(second.heartbeats) > count + 1, what="heartbeats after it")
             workers = wait_for(second.last_workers)

@@ -96,6 +96,13 @@ class Cluster:
         self.admin = {"Authorization": f"Bearer {self.tokens.admin}"}
         self.agent = {"Authorization": f"Bearer {self.tokens.join}"}
         self.instances: dict[str, str] = {}
+        #: Each node's credential, by name (as its agent keeps it in its work directory).
+        self.credentials: dict[str, str] = {}
+        self.node_ids: dict[int, str] = {}
+
+    def as_node(self, node_id: int) -> dict[str, str]:
+        """The headers of node ``node_id``'s own calls (heartbeats, events)."""
+        return {"Authorization": f"Bearer {self.credentials[self.node_ids[node_id]]}"}
 
     def register(
         self, name: str, instance: str = "i1", health: list[dict[str, Any]] | None = None
@@ -112,9 +119,12 @@ class Cluster:
             "agent_version": "test",
             "time_unix": self.clock(),
             **({"health": health} if health is not None else {}),
+            **({"credential": self.credentials[name]} if name in self.credentials else {}),
         }
         reply = self.http.post("/api/v1/nodes/register", json=body, headers=self.agent)
         assert reply.status_code == 200, reply.text
+        self.credentials[name] = reply.json()["credential"]
+        self.node_ids[int(reply.json()["node_id"])] = name
         return int(reply.json()["node_id"])
 
     def heartbeat(
@@ -131,7 +141,9 @@ class Cluster:
         }
         if health is not None:
             body["health"] = health
-        reply = self.http.post(f"/api/v1/nodes/{node_id}/heartbeat", json=body, headers=self.agent)
+        reply = self.http.post(
+            f"/api/v1/nodes/{node_id}/heartbeat", json=body, headers=self.as_node(node_id)
+        )
         assert reply.status_code == 200, reply.text
         return dict(reply.json())
 
@@ -143,7 +155,9 @@ class Cluster:
             "time_unix": self.clock(),
             **fields,
         }
-        reply = self.http.post(f"/api/v1/nodes/{node_id}/events", json=body, headers=self.agent)
+        reply = self.http.post(
+            f"/api/v1/nodes/{node_id}/events", json=body, headers=self.as_node(node_id)
+        )
         assert reply.status_code == 200, reply.text
 
     def submit(self, **overrides: Any) -> int:
@@ -220,10 +234,12 @@ def test_bad_agent_bodies_get_4xx_not_500(cluster: Cluster) -> None:
     assert reply.status_code == 422
     node = cluster.register("n1")
     bad = {"attempt_id": 999, "rank": 0, "kind": "exited", "time_unix": 0}
-    reply = cluster.http.post(f"/api/v1/nodes/{node}/events", json=bad, headers=cluster.agent)
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/events", json=bad, headers=cluster.as_node(node)
+    )
     assert reply.status_code == 404
     reply = cluster.http.post(
-        f"/api/v1/nodes/{node}/events", json={"kind": "nope"}, headers=cluster.agent
+        f"/api/v1/nodes/{node}/events", json={"kind": "nope"}, headers=cluster.as_node(node)
     )
     assert reply.status_code == 422
     assert cluster.http.get("/api/v1/jobs/nope", headers=cluster.admin).status_code == 404
@@ -239,11 +255,65 @@ def test_a_newer_agent_with_unknown_fields_is_still_heard(cluster: Cluster) -> N
         "workers": [],
         "from_the_future": {"x": 1},
     }
-    reply = cluster.http.post(f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.agent)
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.as_node(node)
+    )
     assert reply.status_code == 200, reply.text
     body["time_unix"] = "yesterday"  # a known field with a wrong value is still refused
-    reply = cluster.http.post(f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.agent)
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.as_node(node)
+    )
     assert reply.status_code == 422 and "time_unix" in reply.text
+
+
+def test_the_join_token_only_registers_a_node_has_its_own_credential(cluster: Cluster) -> None:
+    """Issue 10, item 3 of what was seen: with the join token alone, a forged event failed
+    any job, a heartbeat with a node's instance id (from the agent's /healthz) returned its
+    assignment with the job's env, and re-registering a live node's name spent a restart."""
+    a, b = cluster.register("a"), cluster.register("b")
+    job = cluster.submit(env={"DB_PASSWORD": "hunter2"})
+    cluster.controller.reconcile()
+    attempt = cluster.heartbeat(a, "a")["assignment"]["attempt_id"]
+    hb = {"agent_instance": cluster.instances["a"], "time_unix": cluster.clock(), "workers": []}
+    with_join = cluster.http.post(f"/api/v1/nodes/{a}/heartbeat", json=hb, headers=cluster.agent)
+    assert with_join.status_code == 200 and with_join.json()["reregister"] is True
+    assert "hunter2" not in with_join.text
+    event = {"attempt_id": attempt, "rank": 0, "kind": "exited", "time_unix": 0, "exit_code": 1}
+    for headers in (cluster.agent, cluster.as_node(b)):  # the join token; another node's
+        reply = cluster.http.post(f"/api/v1/nodes/{a}/events", json=event, headers=headers)
+        assert reply.status_code == 403, reply.text
+    reply = cluster.http.post(f"/api/v1/nodes/{b}/events", json=event, headers=cluster.as_node(b))
+    assert reply.status_code == 403 and "does not run rank 0" in reply.text  # not b's rank
+    assert cluster.job(job)["state"] in ("starting", "running")
+    # a live node's name is not taken over without its credential
+    stolen = dict(cluster.credentials)
+    del cluster.credentials["a"]
+    body = {
+        "name": "a",
+        "hostname": "evil",
+        "address": "10.6.6.6",
+        "agent_url": "http://10.6.6.6:1",
+        "agent_instance": "evil",
+        "cpus": 2,
+        "memory_bytes": 1,
+        "agent_version": "x",
+        "time_unix": cluster.clock(),
+    }
+    reply = cluster.http.post("/api/v1/nodes/register", json=body, headers=cluster.agent)
+    assert reply.status_code == 409 and "held by a live agent" in reply.text
+    assert cluster.job(job)["restarts"] == 0
+    # its own agent, restarted, proves it with the credential and gets a new one
+    cluster.credentials = stolen
+    old = cluster.credentials["a"]
+    assert cluster.register("a", instance="i2") == a and cluster.credentials["a"] != old
+    hb["agent_instance"] = "i2"
+    stale = {"Authorization": f"Bearer {old}"}
+    reply = cluster.http.post(f"/api/v1/nodes/{a}/heartbeat", json=hb, headers=stale)
+    assert reply.json()["reregister"] is True
+    # and a node lost for good may be joined again from scratch
+    cluster.clock.advance(60)
+    del cluster.credentials["a"]
+    assert cluster.register("a", instance="i3") == a
 
 
 def test_job_runs_to_success(cluster: Cluster) -> None:
@@ -444,6 +514,7 @@ def test_suspect_state_survives_a_controller_restart(tmp_path: Path, db_url: str
     cluster.controller.engine.dispose()
     again = Cluster(tmp_path / "c", db_url, clock=cluster.clock)
     again.instances = cluster.instances
+    again.credentials, again.node_ids = cluster.credentials, cluster.node_ids
     assert again.heartbeat(node, "n1")["health_recheck"] is True
     again.controller.reconcile()
     assert again.nodes()["n1"]["state"] == "suspect"
@@ -599,7 +670,9 @@ def test_agent_restart_fails_its_attempt(cluster: Cluster) -> None:
     view = cluster.job(job)
     assert view["attempts"][0]["end_cause"] == "agent restarted on node n1"
     stale = {"agent_instance": "first", "time_unix": time.time(), "workers": []}
-    reply = cluster.http.post(f"/api/v1/nodes/{node}/heartbeat", json=stale, headers=cluster.agent)
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/heartbeat", json=stale, headers=cluster.as_node(node)
+    )
     assert reply.json()["reregister"] is True
 
 
@@ -637,6 +710,7 @@ def test_controller_restart_keeps_every_record(tmp_path: Path, db_url: str) -> N
 
     again = Cluster(tmp_path / "c", db_url)
     again.instances = cluster.instances
+    again.credentials, again.node_ids = cluster.credentials, cluster.node_ids
     assert again.tokens == cluster.tokens
     after = again.job(job)
     assert after["state"] == before["state"] == "running"

@@ -40,7 +40,7 @@ def health_beat(c: Cluster, node_id: int, name: str, rows: list[dict[str, Any]],
         "workers": kw.get("workers", []),
         "health": rows,
     }
-    reply = c.http.post(f"/api/v1/nodes/{node_id}/heartbeat", json=body, headers=c.agent)
+    reply = c.http.post(f"/api/v1/nodes/{node_id}/heartbeat", json=body, headers=c.as_node(node_id))
     assert reply.status_code == 200, reply.text
     return reply.json()
 

@@ -47,7 +47,7 @@ def test_assignment_carries_the_plan_and_a_failed_preflight_ends_the_attempt(
         "workers": [],
         "notices": [notice],
     }
-    reply = c.http.post(f"/api/v1/nodes/{b}/heartbeat", json=body, headers=c.agent)
+    reply = c.http.post(f"/api/v1/nodes/{b}/heartbeat", json=body, headers=c.as_node(b))
     assert reply.status_code == 200, reply.text
     failed = c.job(job)["attempts"][0]
     assert failed["state"] == "failed"

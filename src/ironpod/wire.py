@@ -57,11 +57,20 @@ class NodeRegistration(_Wire):
     health: list[CheckResult] | None = Field(
         None, description="the agent's join-time health run (ironpod.health), if it ran one"
     )
+    credential: str | None = Field(
+        None,
+        max_length=256,
+        description="the node's credential from its last registration: proves that a restarted "
+        "agent is this node's (a live node's name is not given to anyone else)",
+    )
 
 
 class RegistrationReply(_Wire):
     node_id: int
     heartbeat_interval_s: float
+    credential: str = Field(
+        "", description="this node's bearer token for its heartbeats and events from now on"
+    )
 
 
 WorkerState = Literal["running", "exited"]

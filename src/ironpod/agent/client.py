@@ -54,6 +54,14 @@ class ControllerRejectedError(ControllerError):
     pass
 
 
+class Credential:
+    """The node's credential, shared by the agent's clients: given at each registration,
+    sent as the bearer token of its heartbeats and events (the join token only registers)."""
+
+    def __init__(self, value: str = "") -> None:
+        self.value = value
+
+
 class ControllerClient:
     """One httpx client per calling thread's purpose (httpx clients are not shared across
     the heartbeat and event threads, so a slow heartbeat never queues an event behind it)."""
@@ -65,7 +73,9 @@ class ControllerClient:
         *,
         timeout_s: float = TIMEOUT_S,
         tls: ssl.SSLContext | None = None,
+        credential: Credential | None = None,
     ) -> None:
+        self.credential = credential or Credential()
         self._http = httpx.Client(
             base_url=join_url.rstrip("/") + API,
             headers={"Authorization": f"Bearer {token}"},
@@ -87,21 +97,22 @@ class ControllerClient:
         return _parse(RegistrationReply, self._post("/nodes/register", registration))
 
     def heartbeat(self, node_id: int, heartbeat: Heartbeat) -> HeartbeatReply:
-        return _parse(HeartbeatReply, self._post(f"/nodes/{node_id}/heartbeat", heartbeat))
+        path = f"/nodes/{node_id}/heartbeat"
+        return _parse(HeartbeatReply, self._post(path, heartbeat, self.credential.value))
 
     def event(self, node_id: int, event: WorkerEvent) -> None:
-        self._post(f"/nodes/{node_id}/events", event)
+        self._post(f"/nodes/{node_id}/events", event, self.credential.value)
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: BaseModel) -> bytes:
+    def _post(self, path: str, body: BaseModel, bearer: str | None = None) -> bytes:
+        """POST ``body``; as the node (``bearer``: its credential) or with the join token."""
+        headers = {"Content-Type": "application/json"}
+        if bearer is not None:
+            headers["Authorization"] = f"Bearer {bearer}"
         try:
-            response = self._http.post(
-                path,
-                content=body.model_dump_json(),
-                headers={"Content-Type": "application/json"},
-            )
+            response = self._http.post(path, content=body.model_dump_json(), headers=headers)
         except httpx.HTTPError as exc:
             raise ControllerUnavailableError(f"{path}: {type(exc).__name__}: {exc}") from None
         status = response.status_code

@@ -41,6 +41,7 @@ from ironpod.agent.client import (
     ControllerError,
     ControllerRejectedError,
     ControllerUnavailableError,
+    Credential,
     EventSender,
     UnknownNodeError,
 )
@@ -190,9 +191,7 @@ class Agent:
             )
             server_tls = self.tls.server if self.tls else None
             controller_tls = self.tls.controller if self.tls else None
-            self.http = _listen(
-                address, http_port, workdir / "logs", token, name, self.instance, server_tls
-            )
+            self.http = _listen(address, http_port, workdir / "logs", token, name, server_tls)
             parts.callback(self.http.close)
             self.snapshots = SnapshotStore(
                 shm_dir,
@@ -203,10 +202,15 @@ class Agent:
             self.snapshots.tls_client = self.tls.peers if self.tls else None
             parts.callback(self.snapshots.close)
             self.http.serve_snapshots(self.snapshots)
-            self._client = ControllerClient(join_url, token, tls=controller_tls)
+            # A restarted agent proves with its last credential that it is this node's.
+            self._credential_file = workdir / "credential"
+            self.credential = Credential(_read_secret(self._credential_file))
+            self._client = ControllerClient(
+                join_url, token, tls=controller_tls, credential=self.credential
+            )
             parts.callback(self._client.close)
             self.events = EventSender(
-                ControllerClient(join_url, token, tls=controller_tls),
+                ControllerClient(join_url, token, tls=controller_tls, credential=self.credential),
                 lambda: self.node_id,
                 self._after_event,
             )
@@ -466,8 +470,15 @@ class Agent:
                 agent_version=ironpod.__version__,
                 time_unix=time.time(),
                 health=self.health.take(),
+                credential=self.credential.value or None,
             )
         )
+        if reply.credential:
+            self.credential.value = reply.credential
+            try:
+                tls.write_private(self._credential_file, reply.credential.encode())
+            except OSError as exc:  # a restart then waits until the node counts as lost
+                log.warning("cannot keep the node credential in %s: %s", self._credential_file, exc)
         self.node_id = reply.node_id
         self.interval_s = reply.heartbeat_interval_s
         log.info("registered as node %d, heartbeat every %.2f s", reply.node_id, self.interval_s)
@@ -477,6 +488,13 @@ class Agent:
     def close(self) -> None:
         self._parts.close()
         log.info("agent %s stopped", self.name)
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _certificate(
@@ -497,11 +515,12 @@ def _listen(
     logs_root: Path,
     token: str,
     name: str,
-    instance: str,
     server_tls: ssl.SSLContext | None,
 ) -> LogServer:
+    # /healthz names the node only: its agent instance id once let anyone with the join token
+    # heartbeat as this node (issue 10)
     try:
-        info = {"name": name, "instance": instance}
+        info = {"name": name}
         return LogServer(address, port, logs_root, token, info, server_tls)
     except OSError as exc:
         raise ConfigError(f"cannot serve logs on {address}:{port}: {exc.strerror}") from None

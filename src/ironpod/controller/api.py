@@ -22,7 +22,12 @@ from ironpod.controller.auth import Tokens
 from ironpod.controller.certificates import ControllerTls
 from ironpod.controller.db import Attempt, Event, Job, Node
 from ironpod.controller.ledger import goodput
-from ironpod.controller.service import Controller, NotFoundError
+from ironpod.controller.service import (
+    Controller,
+    NodeAuthError,
+    NodeNameTakenError,
+    NotFoundError,
+)
 from ironpod.controller.views import attempt_view, event_view, job_view, node_view
 from ironpod.errors import ConfigError
 from ironpod.spec import JobSpec, parse_spec
@@ -30,6 +35,16 @@ from ironpod.wire import Heartbeat, HeartbeatReply, NodeRegistration, Registrati
 
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _node_credential(credentials: Credentials) -> str:
+    """A node's own routes take its credential (from registration), not the join token."""
+    if credentials is None:
+        raise HTTPException(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+    return credentials.credentials
+
+
+NodeCredential = Annotated[str, Depends(_node_credential)]
 
 
 def _same(a: str, b: str) -> bool:
@@ -64,19 +79,29 @@ def create_app(
     async def _bad_input(_: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    nodes_api = APIRouter(prefix="/api/v1/nodes", dependencies=[Depends(agent)])
+    @app.exception_handler(NodeAuthError)
+    async def _not_this_node(_: Request, exc: NodeAuthError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
 
-    @nodes_api.post("/register")
+    @app.exception_handler(NodeNameTakenError)
+    async def _name_taken(_: Request, exc: NodeNameTakenError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    nodes_api = APIRouter(prefix="/api/v1/nodes")
+
+    @nodes_api.post("/register", dependencies=[Depends(agent)])
     def register(body: NodeRegistration) -> RegistrationReply:
         return controller.register(body)
 
     @nodes_api.post("/{node_id}/heartbeat")
-    def heartbeat(node_id: int, body: Heartbeat) -> HeartbeatReply:
-        return controller.heartbeat(node_id, body)
+    def heartbeat(node_id: int, body: Heartbeat, credential: NodeCredential) -> HeartbeatReply:
+        return controller.heartbeat(node_id, body, credential)
 
     @nodes_api.post("/{node_id}/events")
-    def worker_event(node_id: int, body: WorkerEvent) -> dict[str, bool]:
-        controller.worker_event(node_id, body)
+    def worker_event(
+        node_id: int, body: WorkerEvent, credential: NodeCredential
+    ) -> dict[str, bool]:
+        controller.worker_event(node_id, body, credential)
         return {"ok": True}
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(admin)])

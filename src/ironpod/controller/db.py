@@ -46,6 +46,9 @@ class Node(Base):
     address: Mapped[str] = mapped_column(String(255))
     agent_url: Mapped[str] = mapped_column(String(512))
     agent_instance: Mapped[str] = mapped_column(String(64))
+    #: SHA-256 (hex) of the node's credential: its agent's bearer token for heartbeats and
+    #: events, new at each registration ("" for a node from before credentials).
+    credential_sha256: Mapped[str] = mapped_column(String(64), default="")
     state: Mapped[str] = mapped_column(String(32), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     cpus: Mapped[int] = mapped_column(Integer)

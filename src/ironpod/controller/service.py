@@ -7,9 +7,12 @@ single controller process makes this cheap; its state is in SQL so it can restar
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +88,24 @@ class ControllerConfig:
 
 class NotFoundError(LookupError):
     pass
+
+
+class NodeAuthError(PermissionError):
+    """A node's call without its credential, or about what is not its business (403)."""
+
+
+class NodeNameTakenError(Exception):
+    """A registration for a name a live agent holds, without its credential (409)."""
+
+
+def credential_hash(credential: str) -> str:
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
+def _same_hash(given: str | None, stored: str) -> bool:
+    if not given or not stored:
+        return False
+    return hmac.compare_digest(credential_hash(given), stored)
 
 
 class Controller:
@@ -200,6 +221,9 @@ class Controller:
                 "last_heartbeat_unix": self.clock(),
                 "clock_skew_s": self.clock() - reg.time_unix,
             }
+            credential = secrets.token_urlsafe(32)  # new at every registration
+            if node is not None:
+                self._check_takeover(node, reg)
             if node is None:
                 node = Node(
                     name=reg.name,
@@ -232,14 +256,41 @@ class Controller:
                     health.apply_health(self, s, node, reg.health)
                 if node.recheck_unix is not None:
                     recovery.settle_recheck(self, s, node)
+            node.credential_sha256 = credential_hash(credential)
             return RegistrationReply(
-                node_id=node.id, heartbeat_interval_s=self.config.heartbeat_interval_s
+                node_id=node.id,
+                heartbeat_interval_s=self.config.heartbeat_interval_s,
+                credential=credential,
             )
 
-    def heartbeat(self, node_id: int, hb: Heartbeat) -> HeartbeatReply:
+    def _check_takeover(self, node: Node, reg: NodeRegistration) -> None:
+        """A name is taken over only by its own agent (it proves it with the credential it
+        was given), or once the node is lost (no heartbeat for ``node_lost_after_s``)."""
+        if not node.credential_sha256 or _same_hash(reg.credential, node.credential_sha256):
+            return
+        quiet_s = self.clock() - node.last_heartbeat_unix
+        if quiet_s >= self.config.node_lost_after_s:
+            return
+        raise NodeNameTakenError(
+            f"node name {node.name!r} is held by a live agent (last heartbeat {quiet_s:.1f} s "
+            "ago); a restarted agent proves it is that node with the credential in its work "
+            f"directory, else it may join {self.config.node_lost_after_s:g} s after the last "
+            "heartbeat"
+        )
+
+    def check_node(self, s: Session, node: Node, credential: str | None) -> None:
+        """Raise NodeAuthError unless ``credential`` is ``node``'s."""
+        if not _same_hash(credential, node.credential_sha256):
+            raise NodeAuthError(f"not node {node.id}'s credential")
+
+    def heartbeat(self, node_id: int, hb: Heartbeat, credential: str | None) -> HeartbeatReply:
         with self.lock, self.sessions.begin() as s:
             node = s.get(Node, node_id)
             if node is None or node.agent_instance != hb.agent_instance:
+                return HeartbeatReply(reregister=True)
+            if not _same_hash(credential, node.credential_sha256):
+                # an old credential (the controller's state was restored, say): join again;
+                # nothing in this heartbeat is believed
                 return HeartbeatReply(reregister=True)
             node.last_heartbeat_unix = self.clock()
             node.clock_skew_s = self.clock() - hb.time_unix
@@ -266,8 +317,8 @@ class Controller:
             touched: dict[int, Attempt] = {}
             for status in hb.workers:
                 attempt = s.get(Attempt, status.attempt_id)
-                if attempt is None:
-                    continue
+                if attempt is None or not _runs_rank(s, attempt, node, status.rank):
+                    continue  # a node reports only on its own ranks
                 touched[attempt.id] = attempt
                 ranks = dict(attempt.ranks)
                 ranks[str(status.rank)] = {**ranks.get(str(status.rank), {}), **status.model_dump()}
@@ -482,12 +533,17 @@ class Controller:
             return self.config.failed_stop_grace_s
         return self.config.stop_grace_s
 
-    def worker_event(self, node_id: int, ev: WorkerEvent) -> None:
+    def worker_event(self, node_id: int, ev: WorkerEvent, credential: str | None) -> None:
         with self.lock, self.sessions.begin() as s:
             node = s.get(Node, node_id)
             attempt = s.get(Attempt, ev.attempt_id)
             if node is None or attempt is None:
                 raise NotFoundError(f"unknown node {node_id} or attempt {ev.attempt_id}")
+            self.check_node(s, node, credential)
+            if not _runs_rank(s, attempt, node, ev.rank):
+                raise NodeAuthError(
+                    f"node {node.name} does not run rank {ev.rank} of attempt {attempt.id}"
+                )
             if attempt.state in TERMINAL_ATTEMPT_STATES:
                 return  # workers of an attempt already ended (being stopped): nothing to decide
             rank = str(ev.rank)
@@ -734,3 +790,13 @@ class Controller:
             nodes=[n.name for n in nodes],
             port=attempt.master_port,
         )
+
+
+def _runs_rank(s: Session, attempt: Attempt, node: Node, rank: int) -> bool:
+    """Whether ``node`` runs ``rank`` of ``attempt`` (ranks are laid out node by node)."""
+    if node.id not in attempt.node_ids:
+        return False
+    job = s.get(Job, attempt.job_id)
+    per_node = int((job.spec if job is not None else {}).get("nproc_per_node") or 1)
+    index = rank // per_node if rank >= 0 else -1
+    return 0 <= index < len(attempt.node_ids) and attempt.node_ids[index] == node.id
