@@ -265,8 +265,8 @@ def restore_times(state: it.TrainState, root: Path) -> dict[str, float]:
     over the agents' HTTP, as a replacement node does) and from disk (DCP + manifest checks)."""
     area = shm_dir("restore")
     peer_root = shm_dir("peer")
-    store = SnapshotStore(area, budget_bytes=1 << 40, node_token="bench")
-    mine = SnapshotStore(peer_root, budget_bytes=1 << 40, node_token="bench")
+    store = SnapshotStore(area, budget_bytes=1 << 40, peer_tokens={1: "bench"})
+    mine = SnapshotStore(peer_root, budget_bytes=1 << 40, peer_tokens={1: "bench"})
     server = LogServer("127.0.0.1", 0, root / "logs", "bench", {"name": "bench"})
     server.serve_snapshots(store)
     server.start()

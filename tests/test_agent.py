@@ -167,6 +167,7 @@ class FakeController:
                     node_id=NODE_ID,
                     heartbeat_interval_s=self.interval_s,
                     credential=self.credential,
+                    log_token=TOKEN,
                 )
                 return 200, reply.model_dump()
             if path == f"/api/v1/nodes/{NODE_ID}/heartbeat":

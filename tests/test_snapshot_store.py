@@ -42,7 +42,7 @@ def write_slot(area: Path, rank: int, slot: int, step: int, size: int = 4096) ->
 
 class Node:
     def __init__(self, root: Path, budget: int = 10**8) -> None:
-        self.store = SnapshotStore(root, budget_bytes=budget, node_token=TOKEN)
+        self.store = SnapshotStore(root, budget_bytes=budget, peer_tokens={JOB: TOKEN})
         self.http = LogServer("127.0.0.1", 0, root / "logs", TOKEN, {"name": root.name})
         self.http.serve_snapshots(self.store)
         self.http.start()
@@ -163,7 +163,7 @@ def test_a_damaged_copy_is_never_served(nodes: tuple[Node, Node]) -> None:
 
 
 def test_budget_evicts_other_jobs_first_then_refuses(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path, budget_bytes=100_000, node_token=TOKEN)
+    store = SnapshotStore(tmp_path, budget_bytes=100_000)
     old = snap.replica_dir(store.area(3), 0, 1)
     files = {"data.bin": (40_000, snap.digest(b"\0" * 40_000))}
     snap.install(
@@ -238,6 +238,9 @@ def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10) -> 
         (f"GET /snapshots/{JOB}/0/{'9' * 30} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
         (f"GET /logs/1/\u00b2 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
         (f"GET /logs/{'9' * 30}/0 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "404"),
+        # a job's peer token opens that job's snapshots only (the join token opened all)
+        (f"GET /snapshots/{JOB + 1}/0/5 HTTP/1.1\r\nAuthorization: Bearer {TOKEN}", "401"),
+        (f"GET /snapshots/{JOB}/0/5 HTTP/1.1\r\nAuthorization: Bearer join", "401"),
     ],
     ids=[
         "negative",
@@ -250,6 +253,8 @@ def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10) -> 
         "step-too-big",
         "log-unicode-digit",
         "log-id-too-big",
+        "other-job",
+        "not-a-peer",
     ],
 )
 def test_the_agent_refuses_bad_lengths_and_ids_with_a_status(

@@ -91,7 +91,8 @@ class TlsNode:
 
     def __init__(self, root: Path, ca: tls.Authority) -> None:
         files = ca.issue_files(root / "tls", "agent", ["127.0.0.1"])
-        self.store = SnapshotStore(root / "shm", budget_bytes=10**8, node_token=sss.TOKEN)
+        tokens = {sss.JOB: sss.TOKEN}
+        self.store = SnapshotStore(root / "shm", budget_bytes=10**8, peer_tokens=tokens)
         self.store.tls_client = tls.client_context(files.ca)
         context = tls.server_context(files)
         self.http = LogServer("127.0.0.1", 0, root / "logs", sss.TOKEN, {}, context)

@@ -31,3 +31,22 @@ def open_private_append(path: Path) -> int:
     if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
         os.fchmod(fd, FILE_MODE)
     return fd
+
+
+def read_or_create_secret(path: Path, nbytes: int = 32) -> bytes:
+    """A random secret kept in ``path`` (0600), made at first use."""
+    try:
+        data = path.read_bytes()
+        if len(data) >= 16:
+            return data
+    except FileNotFoundError:
+        pass
+    data = os.urandom(nbytes)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return data

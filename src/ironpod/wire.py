@@ -71,6 +71,7 @@ class RegistrationReply(_Wire):
     credential: str = Field(
         "", description="this node's bearer token for its heartbeats and events from now on"
     )
+    log_token: str = Field("", description="what the controller reads this node's logs with")
 
 
 WorkerState = Literal["running", "exited"]
@@ -201,6 +202,11 @@ class HeartbeatReply(_Wire):
     )
     health_recheck: bool = Field(
         False, description="run the deep health suite next: the node is out for a failed check"
+    )
+    peer_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="job id -> the token this node and its job's peers call each other's "
+        "snapshot routes with (its own job, and jobs whose copies it holds)",
     )
 
 

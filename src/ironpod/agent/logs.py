@@ -6,7 +6,8 @@ start), each such line prefixed ``[ironpod agent]``.
 
 ``GET /logs/{attempt_id}/{rank}?offset=N`` returns the bytes from ``offset`` with the file's
 current size in ``X-Log-Size``, so a reader tails a log by asking again from
-``offset + len(body)``. It needs the node's bearer token; ``GET /healthz`` does not.
+``offset + len(body)``. It needs the log token the controller gave this node at registration;
+``GET /healthz`` does not.
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, body, "text/plain; charset=utf-8", {"X-Log-Size": str(size)})
 
     def _authorized(self, token: str) -> bool:
+        if not token:  # no token yet (before registration): nobody
+            return False
         given = self.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
@@ -209,6 +212,10 @@ class LogServer:
         host, port = self._server.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
         return f"{self.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def set_log_token(self, token: str) -> None:
+        """The bearer token of the log route (the controller's, from registration)."""
+        self._server.token = token
 
     def serve_snapshots(self, store: SnapshotStore) -> None:
         self._server.snapshots = store

@@ -191,12 +191,13 @@ class Agent:
             )
             server_tls = self.tls.server if self.tls else None
             controller_tls = self.tls.controller if self.tls else None
-            self.http = _listen(address, http_port, workdir / "logs", token, name, server_tls)
+            # the log route opens with the controller's log token (registration), the
+            # snapshot routes with each job's peer token (heartbeats): never the join token
+            self.http = _listen(address, http_port, workdir / "logs", "", name, server_tls)
             parts.callback(self.http.close)
             self.snapshots = SnapshotStore(
                 shm_dir,
                 budget_bytes=memory_budget_bytes,
-                node_token=token,
                 bandwidth_bytes_s=replication_bytes_s,
             )
             self.snapshots.tls_client = self.tls.peers if self.tls else None
@@ -335,6 +336,9 @@ class Agent:
             log.warning("controller asked node %s to register again", self.node_id)
             self.node_id = None
             return True
+        self.snapshots.set_peer_tokens(
+            {int(job): token for job, token in reply.peer_tokens.items() if job.isdigit()}
+        )
         if reply.keep_jobs is not None:
             self.snapshots.keep_only(reply.keep_jobs)
         self.snapshots.set_assignment(reply.assignment, self.http.url)
@@ -473,6 +477,7 @@ class Agent:
                 credential=self.credential.value or None,
             )
         )
+        self.http.set_log_token(reply.log_token)
         if reply.credential:
             self.credential.value = reply.credential
             try:

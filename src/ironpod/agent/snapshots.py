@@ -91,14 +91,16 @@ class SnapshotStore:
         root: Path,
         *,
         budget_bytes: int,
-        node_token: str,
+        peer_tokens: dict[int, str] | None = None,
         bandwidth_bytes_s: float | None = None,
     ) -> None:
         self.root = private_dir(root)  # every job's weights: 0700
         self.budget_bytes = budget_bytes
-        self.node_token = node_token
+        # Peers call each other's snapshot routes with a token per job that the controller
+        # gives the nodes of that job and those holding its copies (never the join token).
+        self._peer_tokens: dict[int, str] = dict(peer_tokens or {})
         # Workers prove who they are with a token of their job's (worker_token): they never
-        # see the node token, and one job's workers cannot reserve memory in another's name.
+        # see the peer tokens, and one job's workers cannot reserve memory in another's name.
         self._worker_secret = secrets.token_bytes(32)
         self.bandwidth_bytes_s = bandwidth_bytes_s
         self._lock = threading.RLock()
@@ -126,6 +128,15 @@ class SnapshotStore:
 
     def start(self) -> None:
         self._thread.start()
+
+    def set_peer_tokens(self, tokens: dict[int, str]) -> None:
+        """The controller's peer tokens, by job (each heartbeat reply)."""
+        with self._lock:
+            self._peer_tokens = dict(tokens)
+
+    def peer_token(self, job_id: int) -> str | None:
+        with self._lock:
+            return self._peer_tokens.get(job_id)
 
     def worker_token(self, job_id: int) -> str:
         """The bearer token of this node's workers of job ``job_id`` (snapshot reservations)."""
@@ -397,13 +408,13 @@ class SnapshotStore:
             return False  # the ring moved on while we looked: take the next one
         for peer in rep.peers:
             with contextlib.suppress(OSError, http.client.HTTPException):
-                self._post(peer, f"/snapshots/{rep.job_id}/announce/{step}", b"")
+                self._post(peer, f"/snapshots/{rep.job_id}/announce/{step}", b"", rep.job_id)
         for rank, got in copies.items():
             assert got is not None
             for peer in rep.replicate_to:
                 start = time.monotonic()
                 body = pack(*got)
-                self._put(peer, f"/snapshots/{rep.job_id}/{rank}/{step}", body)
+                self._put(peer, f"/snapshots/{rep.job_id}/{rank}/{step}", body, rep.job_id)
                 with self._lock:
                     self.stats["sent_bytes"] += sum(len(b) for b in body)
                     self.stats["sent_s"] += time.monotonic() - start
@@ -425,28 +436,28 @@ class SnapshotStore:
             )
         return http.client.HTTPConnection(host, parts.port or 80, timeout=_HTTP_TIMEOUT_S)
 
-    def _post(self, url: str, path: str, body: bytes) -> None:
+    def _post(self, url: str, path: str, body: bytes, job_id: int) -> None:
         conn = self._connection(url)
         try:
-            conn.request("POST", path, body=body, headers=self._headers(len(body)))
+            conn.request("POST", path, body=body, headers=self._headers(len(body), job_id))
             response = conn.getresponse()
             response.read()
         finally:
             conn.close()
 
-    def _headers(self, length: int) -> dict[str, str]:
+    def _headers(self, length: int, job_id: int) -> dict[str, str]:
         return {
-            "Authorization": f"Bearer {self.node_token}",
+            "Authorization": f"Bearer {self.peer_token(job_id) or ''}",
             "Content-Length": str(length),
             "X-Ironpod-From": self.self_url,
         }
 
-    def _put(self, url: str, path: str, parts: list[bytes]) -> None:
+    def _put(self, url: str, path: str, parts: list[bytes], job_id: int) -> None:
         total = sum(len(p) for p in parts)
         conn = self._connection(url)
         try:
             conn.putrequest("PUT", path)
-            for key, value in self._headers(total).items():
+            for key, value in self._headers(total, job_id).items():
                 conn.putheader(key, value)
             conn.endheaders()
             began, sent = time.monotonic(), 0
@@ -480,7 +491,7 @@ class SnapshotStore:
                 conn.request(
                     "GET",
                     f"/snapshots/{job_id}/{rank}/{step}",
-                    headers={"Authorization": f"Bearer {self.node_token}"},
+                    headers={"Authorization": f"Bearer {self.peer_token(job_id) or ''}"},
                 )
                 response = conn.getresponse()
                 body = response.read()
@@ -569,8 +580,11 @@ def _route(  # noqa: PLR0911 (one return per route and outcome reads best here)
         if reason is not None:
             return 507, json.dumps({"reason": reason}).encode(), "application/json"
         return 200, b'{"granted": true}', "application/json"
-    if not token_ok(store.node_token):
-        return 401, b"missing or wrong bearer token\n", text
+    # Every other route names its job first; the caller needs that job's peer token.
+    job = int(parts[0]) if parts and _NUMBER.fullmatch(parts[0]) else None
+    token = store.peer_token(job) if job is not None else None
+    if token is None or not token_ok(token):
+        return 401, b"missing or wrong peer token for this job\n", text
     numbers = [int(p) for p in parts if _NUMBER.fullmatch(p)]
     if method == "POST" and len(parts) == 3 and parts[1] == "announce" and len(numbers) == 2:
         with store.counting():

@@ -225,11 +225,12 @@ def create_app(
             node = s.get(Node, row.node_ids[rank // spec.nproc_per_node])
             assert node is not None
             url = f"{node.agent_url}/logs/{row.id}/{rank}"
+            log_token = controller.log_token(node)
         try:
             reply = httpx.get(
                 url,
                 params={"offset": offset},
-                headers={"Authorization": f"Bearer {tokens.join}"},
+                headers={"Authorization": f"Bearer {log_token}"},
                 timeout=10,
                 verify=cluster_tls.agents if cluster_tls is not None else True,
             )

@@ -28,6 +28,7 @@ from ironpod.controller import health, policy, recovery, stragglers
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate
 from ironpod.controller.db import session_factory as make_sessions
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
+from ironpod.private import private_dir, read_or_create_secret
 from ironpod.spec import JobSpec
 from ironpod.states import (
     ATTEMPT_TRANSITIONS,
@@ -132,6 +133,26 @@ class Controller:
         #: Node silence counts from here at the earliest: no agent could reach a controller
         #: that was down, so a restart must not find every node lost.
         self.started_unix = self.clock()
+        #: What the tokens the controller hands out are derived from: each job's peer token
+        #: (agent to agent), each node's log token (controller to agent).
+        self._secret = read_or_create_secret(private_dir(state_dir) / "secret.key")
+
+    def peer_token(self, job_id: int) -> str:
+        """The token the nodes of job ``job_id`` call each other's snapshot routes with."""
+        return hmac.new(self._secret, f"peer:{job_id}".encode(), "sha256").hexdigest()
+
+    def log_token(self, node: Node) -> str:
+        """The token the controller reads ``node``'s rank logs with (new per registration)."""
+        message = f"logs:{node.id}:{node.credential_sha256}".encode()
+        return hmac.new(self._secret, message, "sha256").hexdigest()
+
+    def _peer_tokens(self, s: Session, node: Node, job_id: int | None) -> dict[str, str]:
+        """Peer tokens for the node's job and the live jobs it holds copies of."""
+        live = set(self._live_jobs(s))
+        jobs = {int(h["job_id"]) for h in node.snapshots or [] if "job_id" in h}
+        if job_id is not None:
+            jobs.add(job_id)
+        return {str(j): self.peer_token(j) for j in sorted(jobs & live)}
 
     # -- helpers
 
@@ -261,6 +282,7 @@ class Controller:
                 node_id=node.id,
                 heartbeat_interval_s=self.config.heartbeat_interval_s,
                 credential=credential,
+                log_token=self.log_token(node),
             )
 
     def _check_takeover(self, node: Node, reg: NodeRegistration) -> None:
@@ -450,13 +472,19 @@ class Controller:
     def _reply(self, s: Session, node: Node) -> HeartbeatReply:
         if node.attempt_id is None:
             return HeartbeatReply(
-                assignment=None, stop_grace_s=self._grace(s, node), keep_jobs=self._live_jobs(s)
+                assignment=None,
+                stop_grace_s=self._grace(s, node),
+                keep_jobs=self._live_jobs(s),
+                peer_tokens=self._peer_tokens(s, node, None),
             )
         attempt = s.get(Attempt, node.attempt_id)
         job = s.get(Job, attempt.job_id) if attempt else None
         if attempt is None or job is None or attempt.state in TERMINAL_ATTEMPT_STATES:
             return HeartbeatReply(
-                assignment=None, stop_grace_s=self._grace(s, node), keep_jobs=self._live_jobs(s)
+                assignment=None,
+                stop_grace_s=self._grace(s, node),
+                keep_jobs=self._live_jobs(s),
+                peer_tokens=self._peer_tokens(s, node, None),
             )
         spec = JobSpec.model_validate(job.spec)
         node_rank = attempt.node_ids.index(node.id)
@@ -507,6 +535,7 @@ class Controller:
             ),
             stop_grace_s=self.config.stop_grace_s,
             keep_jobs=self._live_jobs(s),
+            peer_tokens=self._peer_tokens(s, node, job.id),
         )
 
     @staticmethod
