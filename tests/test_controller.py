@@ -133,11 +133,13 @@ class Cluster:
         name: str,
         workers: list[dict[str, Any]] | None = None,
         health: list[dict[str, Any]] | None = None,
+        snapshots: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "agent_instance": self.instances[name],
             "time_unix": self.clock(),
             "workers": workers or [],
+            "snapshots": snapshots or [],
         }
         if health is not None:
             body["health"] = health
@@ -273,7 +275,12 @@ def test_the_join_token_only_registers_a_node_has_its_own_credential(cluster: Cl
     a, b = cluster.register("a"), cluster.register("b")
     job = cluster.submit(env={"DB_PASSWORD": "hunter2"})
     cluster.controller.reconcile()
-    attempt = cluster.heartbeat(a, "a")["assignment"]["attempt_id"]
+    reply = cluster.heartbeat(a, "a")
+    attempt = reply["assignment"]["attempt_id"]
+    # peers of a job get its peer token (their snapshot routes); a node with no part in it not
+    assert list(reply["peer_tokens"]) == [str(job)]
+    assert cluster.heartbeat(b, "b")["peer_tokens"] == {}
+    assert cluster.tokens.join not in reply["peer_tokens"].values()
     hb = {"agent_instance": cluster.instances["a"], "time_unix": cluster.clock(), "workers": []}
     with_join = cluster.http.post(f"/api/v1/nodes/{a}/heartbeat", json=hb, headers=cluster.agent)
     assert with_join.status_code == 200 and with_join.json()["reregister"] is True
@@ -660,6 +667,38 @@ def test_lost_node_is_replaced_and_a_job_without_nodes_waits(tmp_path: Path, db_
     cluster.controller.reconcile()
     nodes = cluster.job(job)["attempts"][1]["node_ids"]
     assert a not in nodes and b in nodes and len(nodes) == 2
+
+
+def test_a_node_silent_since_the_failure_is_no_restore_source(tmp_path: Path, db_url: str) -> None:
+    """A crash that is the first sign of a dead node: the plan must not send a rank to it."""
+    cluster = Cluster(
+        tmp_path / "c", db_url, node_lost_after_s=30, heartbeat_interval_s=1, reserve_spares=0
+    )
+    a, b = cluster.register("a"), cluster.register("b")
+    job = cluster.submit(nodes=2)
+    cluster.controller.reconcile()
+    attempt = cluster.job(job)["attempts"][0]["id"]
+
+    def held(rank: int, step: int, kind: str = "slot") -> dict[str, Any]:
+        return {"job_id": job, "rank": rank, "step": step, "kind": kind, "nbytes": 8}
+
+    # Step 6 is replicated nowhere yet; step 4 is on both nodes for both ranks.
+    cluster.heartbeat(
+        a, "a", [running(attempt, 0, 6)], snapshots=[held(0, 4), held(0, 6), held(1, 4, "replica")]
+    )
+    cluster.heartbeat(
+        b, "b", [running(attempt, 1, 6)], snapshots=[held(1, 4), held(1, 6), held(0, 4, "replica")]
+    )
+    cluster.clock.advance(0.5)
+    cluster.event(a, attempt, 0, "exited", exit_code=1)  # b's agent died with its rank
+    c = cluster.register("c")
+    cluster.clock.advance(3)  # past the wait for b's heartbeat, well before b is lost
+    cluster.heartbeat(a, "a", snapshots=[held(0, 4), held(0, 6), held(1, 4, "replica")])
+    cluster.heartbeat(c, "c")
+    cluster.controller.reconcile()
+    again = cluster.job(job)["attempts"][1]
+    assert b not in again["node_ids"]
+    assert again["restore"]["step"] == 4, again["restore"]  # not 6, whose rank 1 only b had
 
 
 def test_agent_restart_fails_its_attempt(cluster: Cluster) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import random
 import re
 import secrets
@@ -759,10 +760,20 @@ class Controller:
         """Where each rank of the new attempt finds the newest step held in memory, if any."""
         spec = JobSpec.model_validate(job.spec)
         alive_since = self.clock() - self.config.node_lost_after_s
+        # A node of the failed attempt silent since the failure is not a source: the failure
+        # is often the first sign of a dead node (choose_nodes does not trust it either), and
+        # a plan naming it alone for a rank loses the step it was to restore.
+        last = s.scalars(
+            select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.id.desc()).limit(1)
+        ).first()
+        ended = last.ended_unix if last is not None else None
+        failed_at = {n: ended for n in last.node_ids} if last and ended is not None else {}
         holdings: dict[int, list[dict[str, Any]]] = {}
         urls: dict[int, str] = {}
         for node in s.scalars(select(Node).where(Node.last_heartbeat_unix >= alive_since)):
             if NodeState(node.state) == NodeState.LOST:
+                continue
+            if node.last_heartbeat_unix < failed_at.get(node.id, -math.inf):
                 continue
             mine = [h for h in node.snapshots or [] if h.get("job_id") == job.id]
             if mine:
