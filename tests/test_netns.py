@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from ironpod import tls
 from ironpod.client import IronpodClient
 from ironpod.train.beacon import parse_progress_line
 from tests import netns
@@ -52,20 +53,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
          "--node-lost-after", "3", "--heartbeat-interval", "0.5"],
         env=env, stdout=_log(root / "controller.log"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    url = f"http://{hosts.gateway}:{port}"
+    # Off loopback the controller serves TLS: the hosts join as a real cluster's would, by
+    # the CA's hash (the join line the controller prints).
+    url = f"https://{hosts.gateway}:{port}"
+    ca = root / "controller" / "tls" / "ca.pem"
     try:
         tokens = _wait_for(lambda: _read_json(root / "controller" / "tokens.json"), 30)
-        client = IronpodClient(url, tokens["admin"])
+        _wait_for(ca.exists, 30)
+        pin = tls.ca_hash(ca.read_bytes())
+        client = IronpodClient(url, tokens["admin"], ca_file=ca)
         _wait_for(lambda: _ok(client.healthz), 30)
+
+        def start_agent(i: int) -> None:
+            _start_agent(hosts, i, url, tokens["join"], pin, root, env)
+
         for i in range(3):
-            _start_agent(hosts, i, url, tokens["join"], root, env)
+            start_agent(i)
         _wait_for(lambda: len([n for n in client.nodes() if n["state"] == "ready"]) == 3, 60)
-        yield {
-            "client": client,
-            "hosts": hosts,
-            "root": root,
-            "start_agent": lambda i: _start_agent(hosts, i, url, tokens["join"], root, env),
-        }
+        yield {"client": client, "hosts": hosts, "root": root, "start_agent": start_agent}
     finally:
         hosts.destroy()
         controller.send_signal(signal.SIGTERM)
@@ -76,11 +81,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 
 
 def _start_agent(
-    hosts: netns.Hosts, i: int, url: str, token: str, root: Path, env: dict[str, str]
+    hosts: netns.Hosts, i: int, url: str, token: str, pin: str, root: Path, env: dict[str, str]
 ) -> None:
     hosts.popen(
         i,
-        [sys.executable, "-m", "ironpod.agent", "--join", url, "--token", token,
+        [sys.executable, "-m", "ironpod.agent", "--join", url, "--token", token, "--ca-hash", pin,
          "--name", f"host{i}", "--workdir", str(root / f"host{i}"),
          "--address", hosts.address(i), "--heartbeat-interval", "0.5",
          "--health-level", "none"],
