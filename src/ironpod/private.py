@@ -33,6 +33,18 @@ def open_private_append(path: Path) -> int:
     return fd
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as 0600, atomically (write, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), FILE_MODE)  # an old temporary file kept its mode
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_or_create_secret(path: Path, nbytes: int = 32) -> bytes:
     """A random secret kept in ``path`` (0600), made at first use."""
     try:
@@ -42,11 +54,5 @@ def read_or_create_secret(path: Path, nbytes: int = 32) -> bytes:
     except FileNotFoundError:
         pass
     data = os.urandom(nbytes)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private(path, data)
     return data

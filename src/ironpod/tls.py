@@ -21,7 +21,6 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
-import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ironpod.errors import ConfigError
-from ironpod.private import FILE_MODE, private_dir
+from ironpod.private import private_dir, write_private
 
 HASH_PREFIX = "sha256:"
 CA_ROUTE = "/api/v1/tls/ca"
@@ -50,16 +49,6 @@ class TlsFiles:
     cert: Path
     key: Path
     ca: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -153,8 +142,8 @@ class Authority:
             )
             .sign(key, hashes.SHA256())
         )
-        _write_private(key_path, _key_pem(key))
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(key_path, _key_pem(key))
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return cls(cert, key)
 
     def sign(
@@ -199,11 +188,11 @@ class Authority:
         private_dir(directory)
         key = ec.generate_private_key(ec.SECP256R1())
         cert, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-        _write_private(key_path, _key_pem(key))
-        _write_private(cert, self.sign(key.public_key(), names[0], names))
+        write_private(key_path, _key_pem(key))
+        write_private(cert, self.sign(key.public_key(), names[0], names))
         ca = directory / "ca.pem"
         if not ca.exists() or ca.read_bytes() != self.pem:
-            _write_private(ca, self.pem)
+            write_private(ca, self.pem)
         return TlsFiles(cert=cert, key=key_path, ca=ca)
 
 
@@ -260,11 +249,6 @@ def new_request(names: list[str]) -> tuple[bytes, str]:
         .sign(key, hashes.SHA256())
     )
     return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as 0600, atomically."""
-    _write_private(path, data)
 
 
 def client_context(ca_file: Path) -> ssl.SSLContext:
