@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ import psutil
 import pytest
 
 from ironpod.agent.beacons import beacon_socket_path
-from ironpod.agent.main import parse_cpus, parse_labels, run_agent
+from ironpod.agent.main import join_token, parse_cpus, parse_labels, run_agent
 from ironpod.agent.progress import LineMatcher, ProgressUpdate, RankProgress
 from ironpod.agent.resources import detect_capacity, detect_gpus
 from ironpod.agent.stacks import NO_PY_SPY, find_py_spy
@@ -738,3 +739,26 @@ def test_gpus_from_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1")
     assert [g.index for g in detect_gpus()] == [1]
+
+
+def test_the_join_token_comes_from_a_file_or_the_environment_never_to_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "join-token"
+    path.write_text("s3cret\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("IRONPOD_JOIN_TOKEN", "from-env")
+    assert join_token(None, str(path)) == "s3cret"
+    assert "IRONPOD_JOIN_TOKEN" not in os.environ  # gone before any worker starts
+    monkeypatch.setenv("IRONPOD_JOIN_TOKEN", "from-env")
+    assert join_token("from-argv", None) == "from-env"
+    with caplog.at_level(logging.WARNING, logger="ironpod.agent"):
+        assert join_token("from-argv", None) == "from-argv"
+    assert "/proc/PID/cmdline" in caplog.text
+    with pytest.raises(ConfigError, match="no join token: give --token-file FILE"):
+        join_token(None, None)
+    with pytest.raises(ConfigError, match=r"--token-file .*missing: No such file"):
+        join_token(None, str(tmp_path / "missing"))
+    path.write_text("two words\n")
+    with pytest.raises(ConfigError, match="expected one token on one line"):
+        join_token(None, str(path))

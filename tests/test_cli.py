@@ -145,6 +145,34 @@ def test_run_wait_logs_describe(cluster: tuple[Path, Cli]) -> None:
     assert "hello" in jobs.stdout and "ETTR" in jobs.stdout
 
 
+def test_no_token_is_on_a_command_line_or_in_a_workers_environment(
+    cluster: tuple[Path, Cli],
+) -> None:
+    """Any local user reads /proc/PID/cmdline; a job's workers read their agent's too."""
+    home, cli = cluster
+    tokens = json.loads((home / "controller" / "tokens.json").read_text())
+    secrets = {tokens["admin"], tokens["join"]}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        assert not any(s in line for s in secrets), (proc.info["pid"], line)
+    info = json.loads((home / "cluster.json").read_text())
+    for agent in info["agents"].values():  # nor in an agent's initial environment
+        environ = Path(f"/proc/{agent['pid']}/environ").read_bytes().decode(errors="replace")
+        assert not any(s in environ for s in secrets)
+    probe = (
+        "import os\n"
+        "print(open(f'/proc/{os.getppid()}/cmdline').read().replace(chr(0), ' '))\n"
+        "print(sorted(os.environ.items()))\n"
+        "print('probe done')"
+    )
+    ran = cli("run", "--name", "peek", "--", "python", "-c", probe)
+    assert ran.returncode == 0, ran.stderr
+    assert cli("wait", "peek", "--timeout", "30").returncode == 0
+    seen = cli("logs", "peek").stdout
+    assert "probe done" in seen and "ironpod" in seen, seen  # it did read its agent's argv
+    assert not any(s in seen for s in secrets), seen
+
+
 def test_a_failed_job_makes_wait_exit_1(cluster: tuple[Path, Cli]) -> None:
     _, cli = cluster
     # Exit code 2 is in the default no_restart_exit_codes: the job fails without a restart.

@@ -155,6 +155,18 @@ def test_slurm_nodelist_expansion() -> None:
 # -- the worker's environment, its error file, the exit codes
 
 
+def test_workers_never_inherit_the_clusters_secrets() -> None:
+    a = Assignment(
+        attempt_id=9, job_id=1, job_name="x", command=["x"], ranks=[0], world_size=1,
+        node_rank=0, nnodes=1, master_addr="h", master_port=1,
+        env={"IRONPOD_TOKEN": "the-job-asked-for-it"},
+    )  # fmt: skip
+    base = {"IRONPOD_JOIN_TOKEN": "j", "IRONPOD_PRESET_TOKEN": "p", "IRONPOD_TOKEN": "t", "A": "1"}
+    out = worker_env(a, rank=0, local_rank=0, beacon_socket="s", base=base)
+    assert not {"IRONPOD_JOIN_TOKEN", "IRONPOD_PRESET_TOKEN"} & set(out) and out["A"] == "1"
+    assert out["IRONPOD_TOKEN"] == "the-job-asked-for-it"  # the job's own env is its choice
+
+
 def test_worker_env_is_torchruns() -> None:
     a = Assignment(
         attempt_id=9, job_id=1, job_name="launch-x", command=["x"], ranks=[2, 3], world_size=4,

@@ -95,6 +95,10 @@ CA_FILE = "IRONPOD_CA_FILE"
 #: For workers: the cluster CA their agent's https:// URL is verified with (set by the agent).
 AGENT_CA_FILE = "IRONPOD_AGENT_CA_FILE"
 
+#: The agent's node join token, read at its start and removed from its environment (a
+#: command line is readable by every local user; this is not passed on to workers).
+JOIN_TOKEN = "IRONPOD_JOIN_TOKEN"
+
 #: A secret that a NEW controller state directory adopts as both its admin and join token
 #: (``ironpod launch`` on nodes that share a secret but no file system). Separate from TOKEN so
 #: that a person's CLI token never silently becomes a controller's join token.
@@ -148,4 +152,9 @@ ALL = (
     CA_FILE,
     AGENT_CA_FILE,
     PRESET_TOKEN,
+    JOIN_TOKEN,
 )
+
+#: What a worker never inherits from its agent's environment: the cluster's secrets (a job
+#: that needs the CLI's token sets it in its own env).
+SECRETS = (TOKEN, PRESET_TOKEN, JOIN_TOKEN)

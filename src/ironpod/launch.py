@@ -49,6 +49,7 @@ import psutil
 
 from ironpod import env
 from ironpod.errors import EXIT_DO_NOT_REQUEUE, EXIT_PREEMPTED, ConfigError, IronpodError
+from ironpod.private import private_dir, write_private
 
 EXIT_REQUEUE = EXIT_PREEMPTED
 EXIT_INTERRUPTED = 130
@@ -283,9 +284,13 @@ def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
         _link_log_dir(cfg, workdir)
         console.start()
         log = cfg.job_dir / "logs" / f"agent-{name}.log"
+        # The join token in a private file: a command line is readable by every local user.
+        token_file = private_dir(cfg.job_dir / "agents") / f"{name}.token"
+        write_private(token_file, join.encode())
         agent = _spawn(
             [
-                sys.executable, "-m", "ironpod.agent", "--join", url, "--token", join,
+                sys.executable, "-m", "ironpod.agent", "--join", url,
+                "--token-file", str(token_file),
                 "--name", name, "--workdir", str(workdir),
                 "--address", cfg.node_address or _my_address(cfg.master_addr),
                 "--health-level", cfg.health_level,

@@ -5,7 +5,12 @@ its workers running, retries with a short backoff and registers again when the c
 says it does not know this agent. Only ``stop_event``, SIGTERM or SIGINT end it, and then it
 stops its workers (SIGTERM, grace period, SIGKILL) before returning.
 
-    python -m ironpod.agent --join http://ctl:8470 --token T --name node0 --workdir /var/ironpod
+    python -m ironpod.agent --join http://ctl:8470 --token-file /etc/ironpod/join-token \
+        --name node0 --workdir /var/ironpod
+
+The join token comes from ``--token-file``, else ``$IRONPOD_JOIN_TOKEN`` (removed from the
+agent's environment, so no worker inherits it), else ``--token`` with a warning: a command
+line is readable by every local user (``/proc/PID/cmdline``).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from ironpod.agent.supervisor import (
 )
 from ironpod.errors import ConfigError, errors_to_exit
 from ironpod.health import CheckResult, Level, Status
-from ironpod.private import private_dir
+from ironpod.private import private_dir, write_private
 from ironpod.wire import (
     AgentNotice,
     Assignment,
@@ -481,7 +486,7 @@ class Agent:
         if reply.credential:
             self.credential.value = reply.credential
             try:
-                tls.write_private(self._credential_file, reply.credential.encode())
+                write_private(self._credential_file, reply.credential.encode())
             except OSError as exc:  # a restart then waits until the node counts as lost
                 log.warning("cannot keep the node credential in %s: %s", self._credential_file, exc)
         self.node_id = reply.node_id
@@ -595,6 +600,35 @@ def parse_budget(text: str) -> int:
         ) from None
 
 
+def join_token(token: str | None = None, token_file: str | None = None) -> str:
+    """The node join token: ``token_file``'s content, else ``$IRONPOD_JOIN_TOKEN``, else
+    ``token`` (a command-line value, warned about). The variable is removed from this
+    process's environment in any case, so workers never inherit it."""
+    from_env = os.environ.pop(env.JOIN_TOKEN, None)
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            text = path.read_text().strip()
+            mode = path.stat().st_mode
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file}: {exc.strerror or exc}") from None
+        if not text or any(c.isspace() for c in text):
+            raise ConfigError(f"--token-file {token_file}: expected one token on one line")
+        if mode & 0o077:
+            log.warning("%s can be read by other users: chmod 600 it", token_file)
+        return text
+    if from_env:
+        return from_env.strip()
+    if token:
+        log.warning(
+            "the join token on the command line can be read by every local user "
+            "(/proc/PID/cmdline): use --token-file FILE or %s",
+            env.JOIN_TOKEN,
+        )
+        return token
+    raise ConfigError(f"no join token: give --token-file FILE or set {env.JOIN_TOKEN}")
+
+
 def parse_labels(items: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in items:
@@ -609,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ironpod.agent``: run the node agent until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(prog="python -m ironpod.agent", description=__doc__)
     parser.add_argument("--join", required=True, metavar="URL", help="controller base URL")
-    parser.add_argument("--token", required=True, help="node join token")
+    parser.add_argument("--token-file", metavar="FILE", help="the node join token's file (0600)")
+    parser.add_argument("--token", help=f"the join token itself (visible in ps; {env.JOIN_TOKEN})")
     parser.add_argument("--name", default=socket.gethostname(), help="node name")
     parser.add_argument("--workdir", required=True, help="logs, sockets and worker state")
     parser.add_argument("--address", default="127.0.0.1", help="address other nodes reach")
@@ -657,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     with errors_to_exit():
         run_agent(
             args.join,
-            args.token,
+            join_token(args.token, args.token_file),
             name=args.name,
             workdir=args.workdir,
             address=args.address,

@@ -50,15 +50,20 @@ def worker_env(
     The worker sees what torchrun's agent would give it (torch/distributed/elastic/agent/
     server/local_elastic_agent.py), so code that detects a torchrun-style launcher by
     ``TORCHELASTIC_RUN_ID`` (PyTorch Lightning) sizes the world right. Inherited
-    ``TORCHELASTIC_*`` variables are dropped (they would describe some other launcher's job);
-    ours are set instead. Precedence, lowest first: the agent's environment, ironpod's defaults
-    (``OMP_NUM_THREADS=1`` with several ranks a node, as torchrun; the NCCL error handling;
-    one tracker run per job), the job's env, then the per-rank variables, which nobody
-    overrides. ``IRONPOD_JOB_ID``/``IRONPOD_ATTEMPT_ID`` default to the assignment's ids; the
-    job env may set them (the controller passes the attempt's number within the job there).
+    ``TORCHELASTIC_*`` variables are dropped (they would describe some other launcher's job;
+    ours are set instead), and so are the cluster's secrets (``env.SECRETS``). Precedence,
+    lowest first: the agent's environment, ironpod's defaults (``OMP_NUM_THREADS=1`` with
+    several ranks a node, as torchrun; the NCCL error handling; one tracker run per job), the
+    job's env, then the per-rank variables, which nobody overrides. ``IRONPOD_JOB_ID`` and
+    ``IRONPOD_ATTEMPT_ID`` default to the assignment's ids; the job env may set them (the
+    controller passes the attempt's number within the job there).
     """
     base = os.environ if base is None else base
-    out = {k: v for k, v in base.items() if not k.startswith(env.TORCHELASTIC_PREFIX)}
+    out = {
+        k: v
+        for k, v in base.items()
+        if not k.startswith(env.TORCHELASTIC_PREFIX) and k not in env.SECRETS
+    }
     job_env = assignment.env
     run_id = job_env.get(env.TORCHELASTIC_RUN_ID) or assignment.run_id
     run_id = run_id or f"{assignment.job_name}-{assignment.job_id}"

@@ -181,7 +181,13 @@ def _is_loopback(host: str) -> bool:
 
 def agent(
     join: Annotated[str, typer.Option(help="controller URL, e.g. http://10.0.0.1:8700")],
-    token: Annotated[str, typer.Option(help="node join token (controller's tokens.json)")],
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="file holding the node join token (or set IRONPOD_JOIN_TOKEN)"),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="the join token itself: visible to every local user")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="node name [default: hostname]")] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="logs and sockets [default: $IRONPOD_HOME/nodes/NAME]")
@@ -226,13 +232,13 @@ def agent(
 ) -> None:
     """Run this node's agent in the foreground until SIGTERM or SIGINT."""
     from ironpod.agent.health import HealthConfig, parse_level, parse_thresholds
-    from ironpod.agent.main import parse_cpus, run_agent
+    from ironpod.agent.main import join_token, parse_cpus, run_agent
 
     node = name or socket.gethostname()
     _setup_logging(log_level)
     run_agent(
         join,
-        token,
+        join_token(token, str(token_file) if token_file else None),
         name=node,
         workdir=str((workdir or home() / "nodes" / node).expanduser().resolve()),
         address=address,

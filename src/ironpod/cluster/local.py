@@ -39,6 +39,7 @@ import psutil
 from ironpod import env
 from ironpod.client import IronpodClient
 from ironpod.errors import IronpodError
+from ironpod.private import write_private
 
 CLUSTER_FILE = "cluster.json"
 START_TIMEOUT_S = 60.0
@@ -155,6 +156,14 @@ def _tokens(home: Path) -> dict[str, str]:
         raise ClusterError(f"{path}: cannot read the cluster's tokens ({exc})") from None
 
 
+def _join_token_file(home: Path) -> Path:
+    """The join token in a 0600 file for the agents' ``--token-file``: on a command line any
+    local user would read it (``/proc/PID/cmdline``)."""
+    path = home / "controller" / "join-token"
+    write_private(path, _tokens(home)["join"].encode())
+    return path
+
+
 def shm_root(home: Path) -> Path:
     """Per home, so two local clusters on one machine never share memory areas."""
     digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
@@ -232,10 +241,10 @@ def _controller_argv(info: ClusterInfo) -> list[str]:
     ]
 
 
-def _agent_argv(info: ClusterInfo, agent: AgentProc, join_token: str) -> list[str]:
+def _agent_argv(info: ClusterInfo, agent: AgentProc, token_file: Path) -> list[str]:
     return [
         *(sys.executable, "-m", "ironpod.cli", "agent"),
-        *("--join", info.url, "--token", join_token, "--name", agent.name),
+        *("--join", info.url, "--token-file", str(token_file), "--name", agent.name),
         *("--workdir", agent.workdir, "--address", "127.0.0.1"),
         *("--cpus", ",".join(map(str, agent.cpus))),
         *("--shm-dir", agent.shm_dir, "--label", f"shm_dir={agent.shm_dir}"),
@@ -250,7 +259,7 @@ def _agent_argv(info: ClusterInfo, agent: AgentProc, join_token: str) -> list[st
     ]
 
 
-def _start_agent(info: ClusterInfo, name: str, cpus: list[int], join_token: str) -> AgentProc:
+def _start_agent(info: ClusterInfo, name: str, cpus: list[int], token_file: Path) -> AgentProc:
     home = Path(info.home)
     shm = Path(info.shm_root) / name
     shm.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -263,7 +272,7 @@ def _start_agent(info: ClusterInfo, name: str, cpus: list[int], join_token: str)
         shm_dir=str(shm),
         log=str(home / "logs" / f"{name}.log"),
     )
-    proc = _spawn(_agent_argv(info, spec, join_token), Path(spec.log), home)
+    proc = _spawn(_agent_argv(info, spec, token_file), Path(spec.log), home)
     spec.pid, spec.create_time = proc.pid, proc.create_time
     return spec
 
@@ -317,10 +326,10 @@ def up(
         _write_cluster(info)
         deadline = time.monotonic() + timeout_s
         _wait_controller(info, deadline)
-        join = _tokens(home)["join"]
+        token_file = _join_token_file(home)
         for i, cpus in enumerate(cpu_shares(nodes)):
             name = f"node-{i}"
-            info.agents[name] = _start_agent(info, name, cpus, join)
+            info.agents[name] = _start_agent(info, name, cpus, token_file)
             _write_cluster(info)
         _wait_nodes(info, list(info.agents), info.started_unix, deadline)
     except BaseException:
@@ -510,7 +519,7 @@ def restart_agent(home: Path, node: str, *, timeout_s: float = 30.0) -> AgentPro
         _signal([p for p in tree if _running(p)], signal.SIGKILL)
         _wait_gone(tree, time.monotonic() + 5.0)
     since = time.time()
-    info.agents[node] = _start_agent(info, node, old.cpus, _tokens(home)["join"])
+    info.agents[node] = _start_agent(info, node, old.cpus, _join_token_file(home))
     _write_cluster(info)
     _wait_nodes(info, [node], since, time.monotonic() + timeout_s)
     return info.agents[node]
