@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ironpod.errors import ConfigError
 
@@ -20,8 +27,23 @@ API_VERSION = "ironpod/v1"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+#: The kernel's bound on one argument or environment string (MAX_ARG_STRLEN, 32 pages), and
+#: what ironpod allows for a job's argv and env together (ARG_MAX is 2 MiB on Linux, shared
+#: with the agent's own environment and torch.distributed's variables).
+MAX_ARG_BYTES = 128 * 1024
+MAX_ARGV_ENV_BYTES = 1024 * 1024
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _no_nul(value: str, what: str) -> str:
+    if "\0" in value:
+        raise ValueError(f"{what} holds a NUL byte: no process can be given one")
+    if len(value.encode(errors="surrogateescape")) > MAX_ARG_BYTES:
+        raise ValueError(f"{what} is longer than the kernel's {MAX_ARG_BYTES} bytes")
+    return value
 
 
 class RestartPolicy(_Strict):
@@ -130,7 +152,7 @@ class JobSpec(_Strict):
 
     api_version: Literal["ironpod/v1"] = Field("ironpod/v1", alias="apiVersion")
     name: str
-    team: str = "default"
+    team: str = Field("default", min_length=1, max_length=63)
     priority: int = Field(0, ge=-1000, le=1000)
     nodes: int = Field(1, ge=1, le=4096)
     nproc_per_node: int = Field(1, ge=1, le=256)
@@ -145,7 +167,7 @@ class JobSpec(_Strict):
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     spares: int = Field(0, ge=0, description="extra nodes held ready for this job's recovery")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @field_validator("name")
     @classmethod
@@ -157,10 +179,38 @@ class JobSpec(_Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
+        for key, item in value.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
+            _no_nul(item, f"the value of {key}")
         return value
+
+    @field_validator("command")
+    @classmethod
+    def _runnable(cls, value: list[str]) -> list[str]:
+        if not value[0].strip():
+            raise ValueError("the program (command[0]) is empty")
+        for i, arg in enumerate(value):
+            _no_nul(arg, f"command[{i}]")
+        return value
+
+    @field_validator("team", "workdir", "checkpoint_dir")
+    @classmethod
+    def _no_nul_text(cls, value: str | None) -> str | None:
+        return None if value is None else _no_nul(value, "the value")
+
+    @model_validator(mode="after")
+    def _fits_exec(self) -> JobSpec:
+        size = sum(len(a.encode(errors="surrogateescape")) + 1 for a in self.command)
+        size += sum(
+            len(f"{k}={v}".encode(errors="surrogateescape")) + 1 for k, v in self.env.items()
+        )
+        if size > MAX_ARGV_ENV_BYTES:
+            raise ValueError(
+                f"command and env take {size} bytes; at most {MAX_ARGV_ENV_BYTES} can be "
+                "passed to a process (put large data in a file)"
+            )
+        return self
 
     @property
     def world_size(self) -> int:
@@ -177,7 +227,8 @@ def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str
         return f"{prefix}: missing required field '{where}'"
     given = first.get("input")
     shown = f" (got {given!r})" if isinstance(given, str | int | float | bool) else ""
-    return f"{prefix}: {where}: {first['msg']}{shown}"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{prefix}: {where}: {message}{shown}"
 
 
 def parse_spec(data: Any, *, source: str = "spec") -> JobSpec:
@@ -196,6 +247,8 @@ def load_spec(path: str | Path) -> JobSpec:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     return parse_spec(data, source=str(path))
