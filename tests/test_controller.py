@@ -6,13 +6,16 @@ driven step by step, so every branch of the recovery policy is checked determini
 
 from __future__ import annotations
 
+import functools
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from ironpod.controller.api import create_app
 from ironpod.controller.auth import load_or_create_tokens
@@ -221,6 +224,11 @@ def test_tokens_are_private_and_required(cluster: Cluster) -> None:
         ({**SPEC, "command": []}, "command"),
         ({**SPEC, "name": "Bad_Name"}, "name"),
         ({"name": "x"}, "command"),
+        ({**SPEC, "command": ["echo", "a\u0000b"]}, "command[1] holds a NUL byte"),
+        ({**SPEC, "command": ["", "x"]}, "the program (command[0]) is empty"),
+        ({**SPEC, "env": {"A": "a\u0000"}}, "the value of A holds a NUL byte"),
+        ({**SPEC, "env": {f"V{i}": "x" * 100_000 for i in range(11)}}, "command and env take"),
+        ({**SPEC, "restart": {"window_s": "Infinity"}}, "restart.window_s"),
     ],
 )
 def test_bad_specs_get_422_naming_the_field(
@@ -245,6 +253,43 @@ def test_bad_agent_bodies_get_4xx_not_500(cluster: Cluster) -> None:
     )
     assert reply.status_code == 422
     assert cluster.http.get("/api/v1/jobs/nope", headers=cluster.admin).status_code == 404
+
+
+def test_what_crashed_the_api_is_a_4xx_or_507(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 500s of the probe (issue 10, item 7), each now a status naming what is wrong."""
+    get = functools.partial(cluster.http.get, headers=cluster.admin)
+    huge = "99999999999999999999"  # over SQLite's 64-bit integers
+    assert get(f"/api/v1/jobs/{huge}").status_code == 404
+    assert get("/api/v1/jobs/%C2%B2").status_code == 404  # '²' is a digit to str.isdigit
+    assert get("/api/v1/events", params={"after": huge}).status_code == 422
+    assert get("/api/v1/events", params={"limit": -1}).status_code == 422
+    job = cluster.submit()
+    assert get(f"/api/v1/jobs/{job}/logs", params={"attempt": huge}).status_code == 422
+    node = cluster.register("n1")
+    event = {"attempt_id": int(huge), "rank": 0, "kind": "exited", "time_unix": 0}
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/events", json=event, headers=cluster.as_node(node)
+    )
+    assert reply.status_code == 422 and "out of range" in reply.json()["detail"]
+    for _ in range(2):  # `ironpod drain node-0` twice
+        reply = cluster.http.post("/api/v1/nodes/n1/drain", headers=cluster.admin)
+        assert reply.status_code == 200 and reply.json()["state"] == "drained", reply.text
+    # bodies: too large (refused before it is read), and none read without a token
+    big = {**SPEC, "env": {"BIG": "x" * (5 << 20)}}
+    reply = cluster.http.post("/api/v1/jobs", json=big, headers=cluster.admin)
+    assert reply.status_code == 413
+    assert cluster.http.post("/api/v1/jobs", json=SPEC).status_code == 401
+
+    def disk_full(*_: Any, **__: Any) -> None:
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(cluster.controller, "submit", disk_full)
+    reply = cluster.http.post("/api/v1/jobs", json=SPEC, headers=cluster.admin)
+    assert reply.status_code == 507, reply.text
+    assert "disk is full" in reply.json()["detail"]
+    assert str(cluster.state_dir) in reply.json()["detail"]
 
 
 def test_a_newer_agent_with_unknown_fields_is_still_heard(cluster: Cluster) -> None:

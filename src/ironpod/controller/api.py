@@ -1,19 +1,29 @@
 """The REST API under ``/api/v1`` (FastAPI; its OpenAPI schema is at ``/openapi.json``).
 
-Every route needs a bearer token: the admin token for everything, the node join token for the
-agent routes of :mod:`ironpod.wire`. Bad bodies get 422 naming the field; unknown ids 404.
+Every route needs a bearer token: the admin token for everything, the node join token to
+register, a node's own credential for its heartbeats and events (:mod:`ironpod.wire`). Bad
+bodies and numbers beyond the database's 64 bits get 422 naming the field; unknown ids 404; a
+body over 4 MiB 413 (before it is read, as is any /api/v1 request without a token); a change
+the state does not allow 409; a full disk 507. Every error is documented in the schema, and
+tests/test_api_fuzz.py fuzzes the schema for 5xx and undocumented answers.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
+import json
+import logging
+import re
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 
 from ironpod import __version__
@@ -31,8 +41,111 @@ from ironpod.controller.service import (
 from ironpod.controller.views import attempt_view, event_view, job_view, node_view
 from ironpod.errors import ConfigError
 from ironpod.spec import JobSpec, parse_spec
+from ironpod.states import IllegalTransitionError
 from ironpod.wire import Heartbeat, HeartbeatReply, NodeRegistration, RegistrationReply, WorkerEvent
 
+#: What the database holds: a larger number is no id of anything here.
+INT64_MAX = 2**63 - 1
+#: The largest request body (a spec's command and env take at most 1 MiB, a heartbeat a few
+#: KiB); a larger one is refused before it is read.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+Id = Annotated[int, Path(ge=0, le=INT64_MAX)]
+Offset = Annotated[int, Query(ge=0, le=INT64_MAX)]
+_ID_RE = re.compile(r"[0-9]{1,19}")
+
+
+class ErrorBody(BaseModel):
+    """Every error: one message, or (request validation) a list naming each bad field."""
+
+    detail: str | list[dict[str, Any]]
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "malformed request",
+        401: "no bearer token",
+        403: "the token may not do that",
+        404: "no such job, node or log",
+        409: "conflicts with the current state",
+        413: "request body too large",
+        422: "a field is invalid (named in detail)",
+        502: "a node did not answer",
+        503: "the database is unavailable",
+        507: "the controller's disk is full",
+    }.items()
+}
+
+
+def _is_id(ref: str) -> bool:
+    """Digits only (ASCII: ``str.isdigit`` takes '²') that fit the database's integers."""
+    return _ID_RE.fullmatch(ref) is not None and int(ref) <= INT64_MAX
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes gets 413 (by its Content-Length or as it
+    streams), and an /api/v1 request without any bearer token gets 401 before its body is
+    read (FastAPI reads the body before the token dependencies run)."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        path = str(scope.get("path", ""))
+        public = path in _PUBLIC_PATHS or not path.startswith("/api/v1/")
+        if not public and not headers.get(b"authorization", b"").lower().startswith(b"bearer "):
+            await _send_json(send, 401, "missing bearer token")
+            return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await _send_json(send, 413, f"request body over {self.limit} bytes")
+            return
+        received = 0
+        started = False
+
+        async def limited() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLargeError
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracked)
+        except _BodyTooLargeError:
+            if not started:
+                await _send_json(send, 413, f"request body over {self.limit} bytes")
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+_PUBLIC_PATHS = {"/api/v1/tls/ca"}
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+log = logging.getLogger("ironpod.controller")
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
@@ -56,7 +169,8 @@ def create_app(
 ) -> FastAPI:
     """``cluster_tls``: the controller runs TLS; it signs agents' certificates and verifies
     agents against the cluster CA when it calls them."""
-    app = FastAPI(title="ironpod controller", version=__version__)
+    app = FastAPI(title="ironpod controller", version=__version__, responses=_ERRORS)
+    app.add_middleware(BodyLimit)
 
     def admin(credentials: Credentials) -> None:
         if credentials is None:
@@ -87,6 +201,27 @@ def create_app(
     async def _name_taken(_: Request, exc: NodeNameTakenError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    @app.exception_handler(IllegalTransitionError)
+    async def _conflict(_: Request, exc: IllegalTransitionError) -> JSONResponse:
+        return JSONResponse({"detail": f"not now: {exc}"}, status_code=409)
+
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(DataError)
+    async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
+        detail = f"a number in the request is out of range (the database holds up to {INT64_MAX})"
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(OSError)
+    async def _storage(_: Request, exc: Exception) -> JSONResponse:
+        text = str(getattr(exc, "orig", exc))
+        if "full" in text or getattr(exc, "errno", None) == errno.ENOSPC:
+            where = controller.state_dir
+            detail = f"the controller's disk is full ({where}): free space there"
+            return JSONResponse({"detail": detail}, status_code=507)
+        log.error("storage error: %s", text)
+        return JSONResponse({"detail": "the controller's database is unavailable"}, 503)
+
     nodes_api = APIRouter(prefix="/api/v1/nodes")
 
     @nodes_api.post("/register", dependencies=[Depends(agent)])
@@ -94,13 +229,11 @@ def create_app(
         return controller.register(body)
 
     @nodes_api.post("/{node_id}/heartbeat")
-    def heartbeat(node_id: int, body: Heartbeat, credential: NodeCredential) -> HeartbeatReply:
+    def heartbeat(node_id: Id, body: Heartbeat, credential: NodeCredential) -> HeartbeatReply:
         return controller.heartbeat(node_id, body, credential)
 
     @nodes_api.post("/{node_id}/events")
-    def worker_event(
-        node_id: int, body: WorkerEvent, credential: NodeCredential
-    ) -> dict[str, bool]:
+    def worker_event(node_id: Id, body: WorkerEvent, credential: NodeCredential) -> dict[str, bool]:
         controller.worker_event(node_id, body, credential)
         return {"ok": True}
 
@@ -113,7 +246,7 @@ def create_app(
     def find_job(s: Session, ref: str) -> Job:
         job = (
             s.get(Job, int(ref))
-            if ref.isdigit()
+            if _is_id(ref)
             else s.scalar(select(Job).where(Job.name == ref).order_by(Job.id.desc()))
         )
         if job is None:
@@ -122,9 +255,7 @@ def create_app(
 
     def find_node(s: Session, ref: str) -> Node:
         node = (
-            s.get(Node, int(ref))
-            if ref.isdigit()
-            else s.scalar(select(Node).where(Node.name == ref))
+            s.get(Node, int(ref)) if _is_id(ref) else s.scalar(select(Node).where(Node.name == ref))
         )
         if node is None:
             raise NotFoundError(f"no node {ref!r}")
@@ -199,7 +330,10 @@ def create_app(
 
     @api.get("/events")
     def events(
-        job: str | None = None, node: str | None = None, after: int = 0, limit: int = 500
+        job: str | None = None,
+        node: str | None = None,
+        after: Offset = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 500,
     ) -> list[dict[str, Any]]:
         with session() as s:
             query = select(Event).where(Event.id > after).order_by(Event.id).limit(limit)
@@ -209,8 +343,17 @@ def create_app(
                 query = query.where(Event.node_id == find_node(s, node).id)
             return [event_view(e) for e in s.scalars(query)]
 
-    @api.get("/jobs/{ref}/logs", response_class=PlainTextResponse)
-    def logs(ref: str, rank: int = 0, attempt: int | None = None, offset: int = 0) -> Any:
+    @api.get(
+        "/jobs/{ref}/logs",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "the log's bytes"}},
+    )
+    def logs(
+        ref: str,
+        rank: Annotated[int, Query(ge=0, le=1 << 20)] = 0,
+        attempt: Annotated[int | None, Query(ge=0, le=INT64_MAX)] = None,
+        offset: Offset = 0,
+    ) -> Any:
         with session() as s:
             job = find_job(s, ref)
             query = select(Attempt).where(Attempt.job_id == job.id)

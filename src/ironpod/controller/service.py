@@ -686,6 +686,8 @@ class Controller:
             if node is None:
                 raise NotFoundError(f"no node {node_id}")
             if drain:
+                if NodeState(node.state) in {NodeState.DRAINING, NodeState.DRAINED}:
+                    return  # drained twice: what was asked is already so
                 self._set_node(s, node, NodeState.DRAINING, "drained by a user")
                 if node.attempt_id is None:
                     self._set_node(s, node, NodeState.DRAINED, "no work left")
