@@ -100,6 +100,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._snapshots("PUT")
 
+    def _not_allowed(self) -> None:
+        self.close_connection = True  # a body it may have sent is never read
+        self._reply(405, b"method not allowed\n", "text/plain", {"Allow": "GET, POST, PUT"})
+
+    def do_DELETE(self) -> None:
+        self._not_allowed()
+
+    def do_PATCH(self) -> None:
+        self._not_allowed()
+
     def _snapshots(self, method: str) -> None:
         """``/snapshots/...``: the in-memory checkpoint tiers (agent/snapshots.py)."""
         server = cast(_Server, self.server)
