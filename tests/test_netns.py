@@ -277,3 +277,44 @@ def test_stopped_worker_is_detected_as_a_hang(
     _report("worker stopped", hangs[0], stopped_at)
     log, _ = client.logs("stopped", rank=1, attempt=0)
     assert "hang detected: no progress for" in log
+
+
+def test_two_host_launch_serves_tls_and_nodes_trust_it_by_the_shared_token(
+    tmp_path: Path,
+) -> None:
+    """``ironpod launch`` on two hosts that share a secret but no file system (Slurm without
+    a shared job directory): node rank 0's embedded controller serves TLS on every address;
+    node rank 1 accepts its CA only signed with the token, and its agent joins over https."""
+    if REASON:
+        pytest.skip(REASON)
+    netns.remove_stale()
+    hosts = netns.Hosts(2).create()
+    port = free_port()
+    env = clean_env(IRONPOD_PRESET_TOKEN="a-secret-both-nodes-share", GLOO_SOCKET_IFNAME="eth0")
+    script = Path(__file__).resolve().parent / "scripts" / "launch_worker.py"
+    try:
+        procs = []
+        for rank in (1, 0):
+            argv = [
+                sys.executable, "-m", "ironpod.cli", "launch", "--nnodes", "2",
+                "--nproc-per-node", "1", "--node-rank", str(rank),
+                f"--rdzv-endpoint={hosts.address(0)}:{port}", "--max-restarts", "2",
+                "--job-dir", str(tmp_path / f"host{rank}"), str(script),
+            ]  # fmt: skip
+            out = _log(tmp_path / f"launch{rank}.log")
+            procs.append(hosts.popen(rank, argv, env=env, stdout=out, stderr=subprocess.STDOUT))
+        for proc in procs:
+            proc.wait(timeout=240)
+        logs = {r: (tmp_path / f"launch{r}.log").read_text(errors="replace") for r in (0, 1)}
+        assert [p.returncode for p in procs] == [0, 0], logs
+        assert all("job succeeded" in text for text in logs.values()), logs
+        assert "world 2 sum 3.0 attempt 1" in logs[1]  # the crash of attempt 0, then TLS still
+        follower = tmp_path / "host1"
+        assert len(list((follower / "agents").glob("*-ca.pem"))) == 1  # fetched and checked
+        controller_log = (tmp_path / "host0" / "logs" / "controller.log").read_text()
+        assert "TLS; agents join with --ca-hash" in controller_log, controller_log[-2000:]
+        for host in ("host0", "host1"):  # each agent serves https with a cluster certificate
+            text = "".join(p.read_text() for p in (tmp_path / host / "logs").glob("agent-*.log"))
+            assert "logs at https://" in text, text[-2000:]
+    finally:
+        hosts.destroy()

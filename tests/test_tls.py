@@ -190,6 +190,10 @@ def test_a_cluster_runs_over_tls_end_to_end(controller: tuple[str, Path], tmp_pa
         httpx.get(url.replace("https", "http") + "/healthz", timeout=5)
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/healthz", timeout=5)
+    # a launch's nodes know the token, not the pin: the CA comes signed with it
+    assert tls.fetch_ca_signed(url, tokens.join) == (state / "tls" / "ca.pem").read_bytes()
+    with pytest.raises(ConfigError, match="did not sign its CA with this node's join token"):
+        tls.fetch_ca_signed(url, "another-token")
     stop = threading.Event()
     agent = threading.Thread(
         target=run_agent,

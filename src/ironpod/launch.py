@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 import psutil
 
-from ironpod import env
+from ironpod import env, tls
 from ironpod.errors import EXIT_DO_NOT_REQUEUE, EXIT_PREEMPTED, ConfigError, IronpodError
 from ironpod.private import private_dir, write_private
 
@@ -229,10 +229,31 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
         proc.wait()
 
 
+def _controller_ca(cfg: LaunchConfig, url: str, join: str, name: str, stop: _Stop) -> Path:
+    """The embedded controller's CA: node rank 0 made it; the others fetch it, signed with
+    the join token they share (waiting while the controller starts)."""
+    if cfg.node_rank == 0:
+        return cfg.job_dir / "controller" / "tls" / "ca.pem"
+    path = private_dir(cfg.job_dir / "agents") / f"{name}-ca.pem"
+    deadline = time.monotonic() + cfg.give_up_waiting_s
+    while True:
+        try:
+            write_private(path, tls.fetch_ca_signed(url, join, timeout_s=5))
+            return path
+        except tls.NotReachableError:
+            if time.monotonic() > deadline:
+                raise
+        if stop.wait(0.5):
+            raise _StoppedError
+
+
 class _Api:
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, ca_file: Path | None = None) -> None:
         self.http = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=5
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+            verify=tls.client_context(ca_file) if ca_file else True,
         )
 
     def get(self, path: str) -> Any:
@@ -254,8 +275,15 @@ def launch(cfg: LaunchConfig) -> int:
         return _launch(cfg, stop)
 
 
+def _uses_tls(cfg: LaunchConfig) -> bool:
+    """Off loopback the embedded controller listens on every address: it serves TLS then."""
+    return not tls.is_loopback(cfg.master_addr)
+
+
 def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
-    url = f"http://{cfg.master_addr}:{cfg.master_port}"
+    scheme = "https" if _uses_tls(cfg) else "http"
+    host = f"[{cfg.master_addr}]" if ":" in cfg.master_addr else cfg.master_addr
+    url = f"{scheme}://{host}:{cfg.master_port}"
     if cfg.nproc_per_node > 1 and env.OMP_NUM_THREADS not in os.environ:
         print(
             "ironpod launch: setting OMP_NUM_THREADS=1 for each worker (as torchrun) so that "
@@ -275,12 +303,15 @@ def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
             # second or more to import); the controller finds them in its state directory.
             tokens = load_or_create_tokens(cfg.job_dir / "controller", cfg.token)
             admin, join = tokens.admin, tokens.join
+            if _uses_tls(cfg):  # the CA first too: this node's agent verifies with it
+                tls.Authority.load_or_create(cfg.job_dir / "controller" / "tls")
             log = cfg.job_dir / "logs" / "controller.log"
             controller = _spawn(_controller_argv(cfg), log)
             stop.watch("embedded controller", controller, log)
         else:
             admin, join = _tokens(cfg, stop)
-        api = _Api(url, admin)
+        ca_file = _controller_ca(cfg, url, join, name, stop) if _uses_tls(cfg) else None
+        api = _Api(url, admin, ca_file)
         _link_log_dir(cfg, workdir)
         console.start()
         log = cfg.job_dir / "logs" / f"agent-{name}.log"
@@ -291,6 +322,7 @@ def _launch(cfg: LaunchConfig, stop: _Stop) -> int:
             [
                 sys.executable, "-m", "ironpod.agent", "--join", url,
                 "--token-file", str(token_file),
+                *(("--ca-file", str(ca_file)) if ca_file else ()),
                 "--name", name, "--workdir", str(workdir),
                 "--address", cfg.node_address or _my_address(cfg.master_addr),
                 "--health-level", cfg.health_level,
@@ -341,6 +373,7 @@ def _controller_argv(cfg: LaunchConfig) -> list[str]:
     return [
         sys.executable, "-m", "ironpod.launch", "--port", str(cfg.master_port),
         "--state-dir", str(cfg.job_dir / "controller"), "--grace", str(cfg.shutdown_timeout_s),
+        *(("--tls-name", cfg.master_addr) if _uses_tls(cfg) else ()),
     ]  # fmt: skip
 
 
@@ -633,17 +666,23 @@ def _spec(cfg: LaunchConfig, joined: int) -> dict[str, Any]:
 def _controller_main(argv: list[str]) -> int:
     """``python -m ironpod.launch``: the embedded controller, with launch's shutdown grace
     (the agents stop workers with the grace the controller tells them)."""
-    from ironpod.controller.server import serve
+    from ironpod.controller.server import TlsOptions, serve
     from ironpod.controller.service import ControllerConfig
 
     p = argparse.ArgumentParser(prog="python -m ironpod.launch")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--grace", type=float, default=30.0)
+    p.add_argument("--tls-name", help="serve TLS on every address, for this name of the node")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = ControllerConfig(stop_grace_s=args.grace)
-    serve(host="0.0.0.0", port=args.port, state_dir=args.state_dir.resolve(), config=config)
+    # Nodes on loopback (one machine): loopback only, plain HTTP; else every address, TLS.
+    host, options = "127.0.0.1", None
+    if args.tls_name:
+        host, options = "0.0.0.0", TlsOptions(names=(args.tls_name,))
+    state = args.state_dir.resolve()
+    serve(host=host, port=args.port, state_dir=state, config=config, tls=options)
     return 0
 
 

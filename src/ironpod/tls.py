@@ -38,6 +38,8 @@ from ironpod.private import private_dir, write_private
 
 HASH_PREFIX = "sha256:"
 CA_ROUTE = "/api/v1/tls/ca"
+#: The header the CA comes with: its HMAC under the join token (:func:`ca_signature`).
+CA_SIGNATURE_HEADER = "X-Ironpod-CA-Signature"
 _CA_DAYS = 3650
 _CERT_DAYS = 825  # the most Apple's and browsers' rules allow a leaf; any lifetime works here
 
@@ -228,6 +230,11 @@ def _covers(cert_path: Path, names: list[str]) -> bool:
     return all(str(ipaddress.ip_address(n)) in have if is_ip(n) else n in have for n in names)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback (where plain HTTP stays on the box)."""
+    return host.strip("[]") in ("localhost", "::1") or host.startswith("127.")
+
+
 def is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -265,29 +272,61 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
-def fetch_ca(url: str, expected_hash: str, timeout_s: float = 10.0) -> bytes:
-    """The controller's CA, fetched without verification and accepted only if its hash is
-    ``expected_hash``: what makes first contact safe against a man in the middle."""
+class NotReachableError(ConfigError):
+    """The controller did not answer (not up yet, or the network): worth trying again."""
+
+
+def ca_signature(ca_pem: bytes, join_token: str) -> str:
+    """What the controller sends with its CA: an HMAC of it under the join token, so a node
+    that knows only the token can tell the CA came from a controller that knows it too (as
+    kubeadm's token discovery signs its cluster-info)."""
+    mac = hmac.new(join_token.encode(), b"ironpod-ca\0" + ca_pem, "sha256").hexdigest()
+    return f"hmac-sha256:{mac}"
+
+
+def _get_ca(url: str, timeout_s: float) -> tuple[bytes, str]:
+    """(the CA PEM, its signature header) from an https controller, unverified."""
     import httpx  # the agent imports it anyway; keeps this module light for the CLI
 
-    want = check_hash(expected_hash)
     try:
         reply = httpx.get(url.rstrip("/") + CA_ROUTE, verify=False, timeout=timeout_s)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"cannot fetch the CA from {url}: {exc}") from None
+        raise NotReachableError(f"cannot fetch the CA from {url}: {exc}") from None
     if reply.status_code != 200:
         raise ConfigError(f"{url}{CA_ROUTE} answered {reply.status_code}: is TLS on there?")
     try:
-        got = ca_hash(reply.content)
+        ca_hash(reply.content)
     except ValueError:
         raise ConfigError(f"{url}{CA_ROUTE} did not give a PEM certificate") from None
+    return reply.content, reply.headers.get(CA_SIGNATURE_HEADER, "")
+
+
+def fetch_ca_signed(url: str, join_token: str, timeout_s: float = 10.0) -> bytes:
+    """The controller's CA, accepted only with its signature under ``join_token`` (the
+    nodes of an ``ironpod launch`` share the token, not a CA hash). Weaker than a pin: any
+    holder of the token could pose as the controller."""
+    pem, signature = _get_ca(url, timeout_s)
+    if not hmac.compare_digest(signature, ca_signature(pem, join_token)):
+        raise ConfigError(
+            f"the controller at {url} did not sign its CA with this node's join token: "
+            "refusing to join (another token, or someone between this node and it)"
+        )
+    return pem
+
+
+def fetch_ca(url: str, expected_hash: str, timeout_s: float = 10.0) -> bytes:
+    """The controller's CA, fetched without verification and accepted only if its hash is
+    ``expected_hash``: what makes first contact safe against a man in the middle."""
+    want = check_hash(expected_hash)
+    pem, _ = _get_ca(url, timeout_s)
+    got = ca_hash(pem)
     if not hmac.compare_digest(got, want):
         raise ConfigError(
             f"the controller at {url} presented a CA with hash {got}, not the {want} this "
             "node was told to trust: refusing to join (a wrong --ca-hash, or someone between "
             "this node and the controller)"
         )
-    return reply.content
+    return pem
 
 
 @dataclass(frozen=True)

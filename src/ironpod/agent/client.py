@@ -114,6 +114,8 @@ class ControllerClient:
         try:
             response = self._http.post(path, content=body.model_dump_json(), headers=headers)
         except httpx.HTTPError as exc:
+            if _not_verified(exc):  # someone answers, but not with the cluster's certificate
+                raise ControllerRejectedError(f"{path}: TLS: {exc}") from None
             raise ControllerUnavailableError(f"{path}: {type(exc).__name__}: {exc}") from None
         status = response.status_code
         if status >= 500:
@@ -220,6 +222,18 @@ class EventSender:
             with self._wake:
                 if self._pending and self._pending[0] is event:
                     self._pending.popleft()
+
+
+def _not_verified(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a certificate that did not verify (not a network failure)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Backoff:

@@ -30,10 +30,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
@@ -138,6 +138,7 @@ def run_agent(
             health=health or HealthConfig(join_level=None),
             ca_hash=ca_hash,
             ca_file=Path(ca_file) if ca_file else None,
+            stop=stop,
         )
         try:
             agent.run(stop)
@@ -166,6 +167,7 @@ class Agent:
         health: HealthConfig | None = None,
         ca_hash: str | None = None,
         ca_file: Path | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         private_dir(workdir)  # the workers' logs and files: 0700
         self.name = name
@@ -184,14 +186,17 @@ class Agent:
         with contextlib.ExitStack() as parts:
             parts.callback(_lock_workdir(workdir).close)
             kill_stale_workers(workdir)
-            self.tls = tls.agent_tls(
-                workdir,
-                join_url,
-                address,
-                ca_hash_pin=ca_hash,
-                ca_file=ca_file,
-                request_certificate=lambda ctx, csr, where: _certificate(
-                    join_url, token, ctx, csr, where
+            self.tls = _join_tls(
+                stop or threading.Event(),
+                lambda: tls.agent_tls(
+                    workdir,
+                    join_url,
+                    address,
+                    ca_hash_pin=ca_hash,
+                    ca_file=ca_file,
+                    request_certificate=lambda ctx, csr, where: _certificate(
+                        join_url, token, ctx, csr, where
+                    ),
                 ),
             )
             server_tls = self.tls.server if self.tls else None
@@ -507,6 +512,22 @@ def _read_secret(path: Path) -> str:
         return ""
 
 
+def _join_tls(stop: threading.Event, setup: Callable[[], tls.AgentTls | None]) -> Any:
+    """``setup()``, tried again while the controller does not answer: an agent may start
+    before its controller (a launch's nodes start together) and never exits for that."""
+    backoff = Backoff(first_s=0.5, cap_s=5.0)
+    warned = False
+    while True:
+        try:
+            return setup()
+        except tls.NotReachableError as exc:
+            if not warned:
+                log.warning("%s; trying again until it answers", exc)
+                warned = True
+        if stop.wait(backoff.next()):
+            raise ConfigError("stopped while waiting for the controller to answer")
+
+
 def _certificate(
     join_url: str, token: str, ctx: ssl.SSLContext, csr: str, address: str
 ) -> tuple[str, str]:
@@ -514,6 +535,8 @@ def _certificate(
     with ControllerClient(join_url, token, tls=ctx) as client:
         try:
             reply = client.certificate(CertificateRequest(csr_pem=csr, address=address))
+        except ControllerUnavailableError as exc:
+            raise tls.NotReachableError(f"cannot get this node's TLS certificate: {exc}") from None
         except ControllerError as exc:
             raise ConfigError(f"cannot get this node's TLS certificate: {exc}") from None
     return reply.cert_pem, reply.ca_pem

@@ -154,6 +154,7 @@ def controller(
     from ironpod.controller.health import parse_action
     from ironpod.controller.server import TlsOptions, serve
     from ironpod.controller.service import ControllerConfig
+    from ironpod.tls import is_loopback
 
     _check_listen(host, port)
     _setup_logging(log_level)
@@ -170,13 +171,9 @@ def controller(
         db_url=db,
         config=config,
         tls=TlsOptions(tls_cert, tls_key, tuple(tls_name or ()))
-        if (tls if tls is not None else not _is_loopback(host))
+        if (tls if tls is not None else not is_loopback(host))
         else None,
     )
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def agent(

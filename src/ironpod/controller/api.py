@@ -394,7 +394,7 @@ def create_app(
         return {"status": "ok", "version": __version__}
 
     if cluster_tls is not None:
-        app.include_router(certificates.router(cluster_tls, agent))
+        app.include_router(certificates.router(cluster_tls, agent, tokens.join))
     app.include_router(nodes_api)
     app.include_router(api)
     return app

@@ -1,8 +1,10 @@
 """The controller's TLS routes: its CA for first contact, and agents' serving certificates.
 
 ``GET /api/v1/tls/ca`` needs no token (an agent that knows only the CA's hash fetches it and
-checks the hash, :func:`ironpod.tls.fetch_ca`). ``POST /api/v1/nodes/certificate`` needs the
-join token and signs an agent's request for the one address it serves on.
+checks the hash, :func:`ironpod.tls.fetch_ca`); it comes with its HMAC under the join token,
+for nodes that know only the token (:func:`ironpod.tls.fetch_ca_signed`).
+``POST /api/v1/nodes/certificate`` needs the join token and signs an agent's request for the
+one address it serves on.
 """
 
 from __future__ import annotations
@@ -32,13 +34,22 @@ class ControllerTls:
     agents: ssl.SSLContext
 
 
-def router(cluster: ControllerTls, node: Callable[..., Any]) -> APIRouter:
+def router(cluster: ControllerTls, node: Callable[..., Any], join_token: str) -> APIRouter:
     """``node`` is the join-token dependency of the node routes."""
     routes = APIRouter(prefix="/api/v1")
+    signature = tls.ca_signature(cluster.authority.pem, join_token)
 
-    @routes.get(tls.CA_ROUTE.removeprefix("/api/v1"), response_class=Response)
+    @routes.get(
+        tls.CA_ROUTE.removeprefix("/api/v1"),
+        response_class=Response,
+        responses={200: {"content": {"application/x-pem-file": {}}, "description": "the CA"}},
+    )
     def ca() -> Response:
-        return Response(cluster.authority.pem, media_type="application/x-pem-file")
+        return Response(
+            cluster.authority.pem,
+            media_type="application/x-pem-file",
+            headers={tls.CA_SIGNATURE_HEADER: signature},
+        )
 
     @routes.post("/nodes/certificate", dependencies=[Depends(node)])
     def certificate(body: CertificateRequest) -> CertificateReply:
