@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -98,6 +99,20 @@ def restored_from(home: Path, api: IronpodClient, view: JobView, rank: int) -> s
     found = re.findall(r"checkpoint: (restored .*)", text)
     assert found, text[-3000:]
     return str(found[-1])
+
+
+def settled(area: Path, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
+    """Wait until the copies in ``area`` stop changing (replication and pins in flight land)."""
+    deadline = time.monotonic() + timeout_s
+    seen, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = sorted((str(r.path), r.step) for r in snap.list_snapshots(area))
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{area}: copies still changing after {timeout_s} s")
 
 
 def agent_area(home: Path, node: str, job_id: int) -> Path:
@@ -234,9 +249,14 @@ def test_corrupted_memory_copy_falls_through_to_the_peer(
 ) -> None:
     def corrupt_then_crash(name: str) -> None:
         first = ru.wait_for_step(home, api, name, rank=1, step=FAULT_STEP)
-        pid = ru.wait_pid(api, name, 1)
-        ru.stop_worker(pid)  # no new snapshot while we damage the old ones
+        pids = [ru.wait_pid(api, name, rank) for rank in (0, 1)]
+        # Both ranks stopped: no new snapshot, so no peer announces a step and no agent pins
+        # a fresh copy of rank 1 out of its ring after we damaged the ring (a pin made from
+        # a slot read just before the damage is a good copy; CI once restored from one).
+        for pid in pids:
+            ru.stop_worker(pid)
         area = agent_area(home, ru.attempt_nodes(api, first)[1], api.job(name)["id"])
+        settled(area)
         for ref in snap.list_snapshots(area, rank=1):
             data = ref.path / snap.DATA
             # The agent may prune an old pinned copy meanwhile: one copy fewer to damage.
@@ -244,7 +264,7 @@ def test_corrupted_memory_copy_falls_through_to_the_peer(
                 raw = bytearray(data.read_bytes())
                 raw[len(raw) // 2] ^= 0xFF
                 data.write_bytes(bytes(raw))
-        ru.signal_worker(pid, signal.SIGKILL)
+        ru.signal_worker(pids[1], signal.SIGKILL)
 
     view = run(api, spec("corrupt", tmp_path, cache_dir), corrupt_then_crash)
     check(view, restarts=1)
