@@ -73,8 +73,11 @@ class ControllerConfig:
     reserve_spares: int = 0
     stop_grace_s: float = 10.0
     failed_stop_grace_s: float = 1.0
+    #: Master ports (and the pre-flight's, the next one) are drawn from here: below Linux's
+    #: ephemeral range (32768-60999 by default), where an outgoing connection of any process
+    #: on the node may hold the port and the rendezvous fails with EADDRINUSE.
     port_min: int = 20000
-    port_max: int = 40000
+    port_max: int = 32000
     #: What a failed health check does (ironpod.controller.health): "quarantine" the node and
     #: restart its job elsewhere, or only "label" it (record and event).
     health_action: health.HealthAction = "quarantine"
