@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import ssl
 import threading
 import time
@@ -43,7 +44,11 @@ class ControllerError(Exception):
 
 
 class ControllerUnavailableError(ControllerError):
-    pass
+    """``retry_after_s``: the controller said when to try again (a 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnknownNodeError(ControllerError):
@@ -119,12 +124,23 @@ class ControllerClient:
             raise ControllerUnavailableError(f"{path}: {type(exc).__name__}: {exc}") from None
         status = response.status_code
         if status >= 500:
-            raise ControllerUnavailableError(f"{path}: HTTP {status}")
+            raise ControllerUnavailableError(
+                f"{path}: HTTP {status}", _retry_after(response.headers.get("Retry-After"))
+            )
         if status == 404:
             raise UnknownNodeError(f"{path}: HTTP 404: {response.text[:200]}")
         if status >= 400:
             raise ControllerRejectedError(f"{path}: HTTP {status}: {response.text[:200]}")
         return response.content
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the controller sends seconds, never an HTTP date)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 300 else None
 
 
 def _parse(model: type[M], content: bytes) -> M:
@@ -237,16 +253,23 @@ def _not_verified(exc: BaseException) -> bool:
 
 
 class Backoff:
-    """Exponential retry delays, capped low: the controller is usually back within seconds."""
+    """Exponential retry delays, capped low: the controller is usually back within seconds.
+
+    Each delay is jittered (between half and all of it): thousands of agents that lost the
+    controller at the same moment must not come back at the same moment."""
 
     def __init__(self, first_s: float = 0.2, cap_s: float = 2.0) -> None:
         self._first = first_s
         self._cap = cap_s
         self._next = first_s
 
-    def next(self) -> float:
+    def next(self, at_least_s: float | None = None) -> float:
+        """The next delay; ``at_least_s``: what the controller asked for (Retry-After),
+        then jittered upwards, to at most twice that."""
         delay, self._next = self._next, min(self._next * 2, self._cap)
-        return delay
+        if at_least_s is not None and at_least_s > 0:
+            return at_least_s * random.uniform(1.0, 2.0)
+        return delay * random.uniform(0.5, 1.0)
 
     def reset(self) -> None:
         self._next = self._first

@@ -277,7 +277,8 @@ class Agent:
                 if not outage:
                     log.warning("controller unreachable (%s); retrying, workers keep running", exc)
                 outage = True
-                self._sleep((joining if self.node_id is None else backoff).next())
+                retry = joining if self.node_id is None else backoff
+                self._sleep(retry.next(exc.retry_after_s))
                 continue
             except UnknownNodeError:
                 log.warning("controller does not know node %s: registering again", self.node_id)

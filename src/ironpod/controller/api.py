@@ -10,12 +10,17 @@ tests/test_api_fuzz.py fuzzes the schema for 5xx and undocumented answers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import hmac
 import json
 import logging
 import re
-from typing import Annotated, Any
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
@@ -25,6 +30,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from ironpod import __version__
 from ironpod.controller import certificates
@@ -32,6 +38,7 @@ from ironpod.controller.auth import Tokens
 from ironpod.controller.certificates import ControllerTls
 from ironpod.controller.db import Attempt, Event, Job, Node
 from ironpod.controller.ledger import goodput
+from ironpod.controller.live import fast_heartbeat
 from ironpod.controller.service import (
     Controller,
     NodeAuthError,
@@ -71,10 +78,78 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "request body too large",
         422: "a field is invalid (named in detail)",
         502: "a node did not answer",
-        503: "the database is unavailable",
+        503: "the database is unavailable, or the controller is busy (retry after Retry-After)",
         507: "the controller's disk is full",
     }.items()
 }
+
+
+T = TypeVar("T")
+#: Agents' requests that may wait for a decision at once; beyond this the controller is
+#: behind and says so at once (503 with Retry-After) instead of queueing work it cannot do.
+MAX_WAITING_DECISIONS = 32
+#: An agent's request that waited this long for the decision lock is dropped: its agent
+#: (ironpod.agent.client, 5 s timeout) has given up and retries.
+STALE_AFTER_S = 4.0
+#: Seconds an agent is told to wait before it tries again after a 503 (it adds jitter).
+RETRY_AFTER_S = 1
+#: An event loop late by this much is a controller behind (it holds its lost verdicts).
+LOOP_LATE_S = 1.0
+
+
+class BusyError(Exception):
+    """The controller is behind: the request was not taken (503 with Retry-After)."""
+
+
+class DecisionGate:
+    """Agents' requests that take the decision path: bounded in number, dropped once
+    their client has given up, and every refusal recorded as the controller being behind
+    (so silence it caused is never taken for a lost node; Controller._check_liveness)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+        self._waiting = 0
+        self._count = threading.Lock()
+
+    async def run(self, request: Request, fn: Callable[..., T], *args: Any) -> T:
+        ctl = self._controller
+        with self._count:
+            full = self._waiting >= MAX_WAITING_DECISIONS
+            if not full:
+                self._waiting += 1
+        if full:
+            ctl.live.fell_behind(ctl.clock())
+            raise BusyError()
+        try:
+            if await request.is_disconnected():
+                raise BusyError()  # nobody to answer: the agent retries
+            arrived = time.monotonic()
+
+            def decide() -> T:
+                if not ctl.lock.acquire(
+                    timeout=max(0.0, arrived + STALE_AFTER_S - time.monotonic())
+                ):
+                    ctl.live.fell_behind(ctl.clock())
+                    raise BusyError()
+                try:
+                    return fn(*args)
+                finally:
+                    ctl.lock.release()
+
+            return await run_in_threadpool(decide)
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+
+async def _watch_loop(controller: Controller) -> None:
+    """Notice a stalled event loop: heartbeats queued behind it are not nodes' silence."""
+    period = 0.25
+    while True:
+        began = time.monotonic()
+        await asyncio.sleep(period)
+        if time.monotonic() - began - period > LOOP_LATE_S:
+            controller.live.fell_behind(controller.clock())
 
 
 def _is_id(ref: str) -> bool:
@@ -169,8 +244,20 @@ def create_app(
 ) -> FastAPI:
     """``cluster_tls``: the controller runs TLS; it signs agents' certificates and verifies
     agents against the cluster CA when it calls them."""
-    app = FastAPI(title="ironpod controller", version=__version__, responses=_ERRORS)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(_watch_loop(controller))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
+    app = FastAPI(
+        title="ironpod controller", version=__version__, responses=_ERRORS, lifespan=lifespan
+    )
     app.add_middleware(BodyLimit)
+    gate = DecisionGate(controller)
 
     def admin(credentials: Credentials) -> None:
         if credentials is None:
@@ -205,6 +292,12 @@ def create_app(
     async def _conflict(_: Request, exc: IllegalTransitionError) -> JSONResponse:
         return JSONResponse({"detail": f"not now: {exc}"}, status_code=409)
 
+    @app.exception_handler(BusyError)
+    async def _busy(_: Request, exc: BusyError) -> JSONResponse:
+        detail = "the controller is busy: retry after the Retry-After seconds"
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse({"detail": detail}, status_code=503, headers=headers)
+
     @app.exception_handler(OverflowError)
     @app.exception_handler(DataError)
     async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
@@ -225,21 +318,31 @@ def create_app(
     nodes_api = APIRouter(prefix="/api/v1/nodes")
 
     @nodes_api.post("/register", dependencies=[Depends(agent)])
-    def register(body: NodeRegistration) -> RegistrationReply:
-        return controller.register(body)
+    async def register(request: Request, body: NodeRegistration) -> RegistrationReply:
+        return await gate.run(request, controller.register, body)
 
-    @nodes_api.post("/{node_id}/heartbeat")
-    def heartbeat(node_id: Id, body: Heartbeat, credential: NodeCredential) -> HeartbeatReply:
-        return controller.heartbeat(node_id, body, credential)
+    @nodes_api.post("/{node_id}/heartbeat", response_model=HeartbeatReply)
+    async def heartbeat(
+        request: Request, node_id: Id, body: Heartbeat, credential: NodeCredential
+    ) -> Any:
+        """Answered on the event loop when it decides nothing (ironpod.controller.live),
+        else on the decision path."""
+        fast = fast_heartbeat(controller, node_id, body, credential)
+        if fast is not None:
+            return Response(fast, media_type="application/json")
+        return await gate.run(request, controller.heartbeat, node_id, body, credential)
 
     @nodes_api.post("/{node_id}/events")
-    def worker_event(node_id: Id, body: WorkerEvent, credential: NodeCredential) -> dict[str, bool]:
-        controller.worker_event(node_id, body, credential)
+    async def worker_event(
+        request: Request, node_id: Id, body: WorkerEvent, credential: NodeCredential
+    ) -> dict[str, bool]:
+        await gate.run(request, controller.worker_event, node_id, body, credential)
         return {"ok": True}
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(admin)])
 
     def session() -> Session:
+        controller.sync()  # what fast heartbeats left in memory, for the read
         opened: Session = controller.sessions()
         return opened
 

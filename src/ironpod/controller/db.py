@@ -38,6 +38,9 @@ def now() -> float:
 
 
 class Node(Base):
+    """A node. Its JSON columns load only when read (``undefer_group("json")`` for a whole
+    row): the decisions that scan nodes need their states and times, not their inventories."""
+
     __tablename__ = "nodes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -53,19 +56,29 @@ class Node(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     cpus: Mapped[int] = mapped_column(Integer)
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
-    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
-    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, deferred=True, deferred_group="json"
+    )
+    labels: Mapped[dict[str, str]] = mapped_column(
+        JSON, default=dict, deferred=True, deferred_group="json"
+    )
     registered_unix: Mapped[float] = mapped_column(Float, default=now)
     last_heartbeat_unix: Mapped[float] = mapped_column(Float, default=now)
     clock_skew_s: Mapped[float] = mapped_column(Float, default=0.0)
     failures: Mapped[list[float]] = mapped_column(JSON, default=list)
     attempt_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: In-memory snapshots held (wire.SnapshotHolding dicts), from the last heartbeat.
-    snapshots: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    snapshots: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, deferred=True, deferred_group="json"
+    )
     #: The agent's snapshot memory: {"budget_bytes": ..., "used_bytes": ...}.
-    memory: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    memory: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, deferred=True, deferred_group="json"
+    )
     #: Latest health check results by check name.
-    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    health: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, deferred=True, deferred_group="json"
+    )
     #: When the controller asked for the deep recheck that decides a node blamed too often
     #: (state ``suspect``, or ``quarantined`` with a spare in its place); None: none pending.
     recheck_unix: Mapped[float | None] = mapped_column(Float, nullable=True)

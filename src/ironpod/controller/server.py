@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
 import os
 import threading
 import time
@@ -36,6 +38,29 @@ def reconcile_forever(controller: Controller, stop: threading.Event, period_s: f
             log.exception("reconcile failed")
 
 
+def keep_alive_s(config: ControllerConfig) -> int:
+    """Idle seconds before the server closes an agent's connection: beyond the heartbeat
+    interval with room to spare (uvicorn's 5 s default equals a 5 s interval, and about 5% of
+    heartbeats then met a connection being closed)."""
+    return math.ceil(2 * config.heartbeat_interval_s) + 5
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_liveness_timing(config: ControllerConfig) -> None:
+    """A node is lost after ``node_lost_after_s`` of silence: fewer than two heartbeat
+    intervals and one late heartbeat (a busy agent, a retried request) loses a live node."""
+    interval, lost = config.heartbeat_interval_s, config.node_lost_after_s
+    if lost < 2 * interval:
+        raise ConfigError(
+            f"--node-lost-after {lost:g} s is less than two heartbeat intervals "
+            f"(--heartbeat-interval {interval:g} s): one late heartbeat would declare a live "
+            f"node lost; use at least {2 * interval:g} s ({3 * interval:g} s or more is safer)"
+        )
+
+
 def serve(
     *,
     host: str = "127.0.0.1",
@@ -48,10 +73,12 @@ def serve(
 ) -> None:
     """Run until interrupted. State lives in ``db_url`` (default: SQLite in ``state_dir``).
     With ``tls`` the API is HTTPS only (see :mod:`ironpod.tls`)."""
+    config = config or ControllerConfig()
+    check_liveness_timing(config)
     state_dir.mkdir(parents=True, exist_ok=True)
     url = db_url or f"sqlite:///{state_dir / 'ironpod.db'}"
     tokens = load_or_create_tokens(state_dir, os.environ.get(env.PRESET_TOKEN) or None)
-    controller = Controller(url, state_dir, config or ControllerConfig())
+    controller = Controller(url, state_dir, config)
     cluster_tls, files = _tls(state_dir, host, tls) if tls is not None else (None, None)
     app = create_app(controller, tokens, cluster_tls)
     stop = threading.Event()
@@ -67,6 +94,13 @@ def serve(
             host=host,
             port=port,
             log_level="warning",
+            # the C parser and event loop where installed (the default install has them)
+            http="httptools" if _has("httptools") else "h11",
+            loop="uvloop" if _has("uvloop") else "asyncio",
+            # an agent's connection outlives the pause between its heartbeats: no heartbeat
+            # meets a connection the server is closing
+            timeout_keep_alive=keep_alive_s(config),
+            backlog=4096,  # a join storm of thousands of agents
             ssl_certfile=str(files.cert) if files else None,
             ssl_keyfile=str(files.key) if files else None,
         )

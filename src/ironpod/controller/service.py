@@ -21,13 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import event as sa_event
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, load_only
 
 from ironpod import env
 from ironpod.controller import health, policy, recovery, stragglers
 from ironpod.controller.db import Attempt, Event, Job, Node, make_engine, migrate
 from ironpod.controller.db import session_factory as make_sessions
+from ironpod.controller.live import (
+    Live,
+    LiveNode,
+    apply_changes,
+    collect_changes,
+    forget_changes,
+    reply_part,
+)
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
 from ironpod.private import private_dir, read_or_create_secret
 from ironpod.spec import JobSpec
@@ -140,10 +149,108 @@ class Controller:
         #: What the tokens the controller hands out are derived from: each job's peer token
         #: (agent to agent), each node's log token (controller to agent).
         self._secret = read_or_create_secret(private_dir(state_dir) / "secret.key")
+        self._peer_token_of: dict[int, str] = {}
+        #: The heartbeat path in memory (ironpod.controller.live), kept current by the hooks.
+        self.live = Live()
+        #: Job specs, validated once (a job's spec never changes after submission).
+        self._specs: dict[int, JobSpec] = {}
+        #: Per running attempt: its nodes' URLs and the memory tier's placement, computed once.
+        self._plans: dict[int, _AttemptPlan] = {}
+        sa_event.listen(self.sessions, "after_flush", collect_changes)
+        sa_event.listen(self.sessions, "after_commit", self._apply_changes)
+        sa_event.listen(self.sessions, "after_rollback", forget_changes)
+        self._warm()
 
     def peer_token(self, job_id: int) -> str:
         """The token the nodes of job ``job_id`` call each other's snapshot routes with."""
-        return hmac.new(self._secret, f"peer:{job_id}".encode(), "sha256").hexdigest()
+        token = self._peer_token_of.get(job_id)
+        if token is None:
+            token = hmac.new(self._secret, f"peer:{job_id}".encode(), "sha256").hexdigest()
+            self._peer_token_of[job_id] = token
+        return token
+
+    def spec_of(self, job: Job) -> JobSpec:
+        spec = self._specs.get(job.id)
+        if spec is None:
+            spec = self._specs[job.id] = JobSpec.model_validate(job.spec)
+        return spec
+
+    # -- the heartbeat path in memory (ironpod.controller.live)
+
+    def _warm(self) -> None:
+        """Fill the fast lane from the database: after a restart, heartbeats of idle nodes are
+        answered fast from the first one; a busy node's first takes the decision path."""
+        with self.sessions() as s:
+            last: dict[int, str] = {}  # node id -> the state of the newest attempt it was in
+            recent = s.execute(
+                select(Attempt.state, Attempt.node_ids).order_by(Attempt.id.desc()).limit(1000)
+            )
+            for state, node_ids in recent:
+                for node_id in node_ids:
+                    last.setdefault(node_id, state)
+            for node in s.scalars(select(Node)):
+                grace = (
+                    self.config.failed_stop_grace_s
+                    if last.get(node.id) == AttemptState.FAILED
+                    else self.config.stop_grace_s
+                )
+                self.live.nodes[node.id] = LiveNode(
+                    id=node.id,
+                    agent_instance=node.agent_instance,
+                    credential_sha256=node.credential_sha256,
+                    state=node.state,
+                    attempt_id=node.attempt_id,
+                    recheck=node.recheck_unix is not None,
+                    last_heartbeat_unix=node.last_heartbeat_unix,
+                    part=reply_part(b"null", grace) if node.attempt_id is None else None,
+                )
+            self.live.set_live_jobs(set(self._live_jobs(s)))
+
+    def _apply_changes(self, session: Session) -> None:
+        """After a commit: what the decision changed reaches the fast lane."""
+        for attempt_id in apply_changes(self.live, session):
+            self._plans.pop(attempt_id, None)
+
+    def _flush(self, s: Session) -> None:
+        """Write what fast heartbeats left in memory; every decision starts with this, so
+        it decides on the newest facts (and the reconciler's pass runs it once a period)."""
+        beats, ranks = self.live.take()
+        if beats:
+            s.execute(
+                update(Node),
+                [
+                    {
+                        "id": node_id,
+                        "last_heartbeat_unix": beat.time_unix,
+                        "clock_skew_s": beat.clock_skew_s,
+                        "snapshots": beat.snapshots,
+                    }
+                    for node_id, beat in beats.items()
+                ],
+            )
+            memory = [
+                {"id": node_id, "memory": beat.memory}
+                for node_id, beat in beats.items()
+                if beat.memory is not None
+            ]
+            if memory:
+                s.execute(update(Node), memory)
+        for attempt_id, statuses in ranks.items():
+            attempt = s.get(Attempt, attempt_id)
+            if attempt is None or attempt.state in TERMINAL_ATTEMPT_STATES:
+                continue
+            merged = dict(attempt.ranks)
+            for rank, status in statuses.items():
+                merged[str(rank)] = {**merged.get(str(rank), {}), **status}
+            attempt.ranks = merged
+            self._update_progress(s, attempt)
+            if attempt.state == AttemptState.RUNNING:
+                self._check_stragglers(s, attempt)
+
+    def sync(self) -> None:
+        """Persist the fast lane's facts now (before a read that must see them)."""
+        with self.lock, self.sessions.begin() as s:
+            self._flush(s)
 
     def log_token(self, node: Node) -> str:
         """The token the controller reads ``node``'s rank logs with (new per registration)."""
@@ -234,6 +341,7 @@ class Controller:
 
     def register(self, reg: NodeRegistration) -> RegistrationReply:
         with self.lock, self.sessions.begin() as s:
+            self._flush(s)
             node = s.scalar(select(Node).where(Node.name == reg.name))
             fields = {
                 "hostname": reg.hostname,
@@ -310,64 +418,89 @@ class Controller:
             raise NodeAuthError(f"not node {node.id}'s credential")
 
     def heartbeat(self, node_id: int, hb: Heartbeat, credential: str | None) -> HeartbeatReply:
-        with self.lock, self.sessions.begin() as s:
-            node = s.get(Node, node_id)
-            if node is None or node.agent_instance != hb.agent_instance:
-                return HeartbeatReply(reregister=True)
-            if not _same_hash(credential, node.credential_sha256):
-                # an old credential (the controller's state was restored, say): join again;
-                # nothing in this heartbeat is believed
-                return HeartbeatReply(reregister=True)
-            node.last_heartbeat_unix = self.clock()
-            node.clock_skew_s = self.clock() - hb.time_unix
-            if self._waiting:  # a job may wait for this node to prove itself alive
-                self.wake.set()
-            node.snapshots = [h.model_dump() for h in hb.snapshots]
-            if hb.memory_budget_bytes is not None:
-                node.memory = {
-                    "budget_bytes": hb.memory_budget_bytes,
-                    "used_bytes": hb.memory_used_bytes,
-                }
-            for notice in hb.notices:
-                job = s.get(Job, notice.job_id) if notice.job_id is not None else None
-                data: dict[str, Any] = dict(notice.data)
-                self._event(s, notice.kind, notice.message, node=node, job=job, **data)
-                if notice.kind == "preflight_failed":
-                    self._preflight_failed(s, node, notice.message, data, notice.time_unix)
-            if NodeState(node.state) == NodeState.LOST:
-                recovery.return_node(self, s, node, "heartbeats resumed")
-            if hb.health is not None:
-                health.apply_health(self, s, node, hb.health)
-            if node.recheck_unix is not None:
-                recovery.settle_recheck(self, s, node)
-            touched: dict[int, Attempt] = {}
-            for status in hb.workers:
-                attempt = s.get(Attempt, status.attempt_id)
-                if attempt is None or not _runs_rank(s, attempt, node, status.rank):
-                    continue  # a node reports only on its own ranks
-                touched[attempt.id] = attempt
-                ranks = dict(attempt.ranks)
-                ranks[str(status.rank)] = {**ranks.get(str(status.rank), {}), **status.model_dump()}
-                attempt.ranks = ranks
-                if status.state == "running" and attempt.state == AttemptState.STARTING:
-                    self._set_attempt(s, attempt, AttemptState.RUNNING, "workers running")
-                    attempt.running_unix = self.clock()
-                    job = s.get(Job, attempt.job_id)
-                    if job is not None and job.state == JobState.STARTING:
-                        self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
-            for attempt in touched.values():  # once per attempt, however many ranks reported
-                self._update_progress(s, attempt)
-                if attempt.state == AttemptState.RUNNING:
-                    self._check_stragglers(s, attempt)
-            # A node out for a failed check, or blamed too often, is rechecked with the deep
-            # suite, not the light one.
-            state = NodeState(node.state)
-            recheck = (node.recheck_unix is not None and state in RECHECKED) or (
-                state == NodeState.QUARANTINED and node.reason.startswith(health.REASON_PREFIX)
-            )
-            return self._reply(s, node).model_copy(
-                update={"time_unix": self.clock(), "health_recheck": recheck}
-            )
+        """A heartbeat on the decision path (the fast lane, ironpod.controller.live, answers
+        those that decide nothing). Its reply's node part is cached for the fast lane."""
+        with self.lock:
+            with self.sessions.begin() as s:
+                self._flush(s)
+                reply, cached = self._heartbeat(s, node_id, hb, credential)
+            if cached is not None:  # after the commit, before any other decision
+                self.live.remember(node_id, *cached)
+            self.live.slow += 1
+            return reply
+
+    def _heartbeat(
+        self, s: Session, node_id: int, hb: Heartbeat, credential: str | None
+    ) -> tuple[HeartbeatReply, tuple[bytes, int | None, dict[int, str], float] | None]:
+        node = s.get(Node, node_id)
+        if node is None or node.agent_instance != hb.agent_instance:
+            return HeartbeatReply(reregister=True), None
+        if not _same_hash(credential, node.credential_sha256):
+            # an old credential (the controller's state was restored, say): join again;
+            # nothing in this heartbeat is believed
+            return HeartbeatReply(reregister=True), None
+        node.last_heartbeat_unix = self.clock()
+        node.clock_skew_s = self.clock() - hb.time_unix
+        if self._waiting:  # a job may wait for this node to prove itself alive
+            self.wake.set()
+        node.snapshots = [h.model_dump() for h in hb.snapshots]
+        if hb.memory_budget_bytes is not None:
+            node.memory = {
+                "budget_bytes": hb.memory_budget_bytes,
+                "used_bytes": hb.memory_used_bytes,
+            }
+        for notice in hb.notices:
+            job = s.get(Job, notice.job_id) if notice.job_id is not None else None
+            data: dict[str, Any] = dict(notice.data)
+            self._event(s, notice.kind, notice.message, node=node, job=job, **data)
+            if notice.kind == "preflight_failed":
+                self._preflight_failed(s, node, notice.message, data, notice.time_unix)
+        if NodeState(node.state) == NodeState.LOST:
+            recovery.return_node(self, s, node, "heartbeats resumed")
+        if hb.health is not None:
+            health.apply_health(self, s, node, hb.health)
+        if node.recheck_unix is not None:
+            recovery.settle_recheck(self, s, node)
+        touched: dict[int, Attempt] = {}
+        for status in hb.workers:
+            attempt = s.get(Attempt, status.attempt_id)
+            if attempt is None or not _runs_rank(s, attempt, node, status.rank):
+                continue  # a node reports only on its own ranks
+            touched[attempt.id] = attempt
+            ranks = dict(attempt.ranks)
+            ranks[str(status.rank)] = {**ranks.get(str(status.rank), {}), **status.model_dump()}
+            attempt.ranks = ranks
+            if status.state == "running" and attempt.state == AttemptState.STARTING:
+                self._set_attempt(s, attempt, AttemptState.RUNNING, "workers running")
+                attempt.running_unix = self.clock()
+                job = s.get(Job, attempt.job_id)
+                if job is not None and job.state == JobState.STARTING:
+                    self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
+        for attempt in touched.values():  # once per attempt, however many ranks reported
+            self._update_progress(s, attempt)
+            if attempt.state == AttemptState.RUNNING:
+                self._check_stragglers(s, attempt)
+        # A node out for a failed check, or blamed too often, is rechecked with the deep
+        # suite, not the light one.
+        state = NodeState(node.state)
+        recheck = (node.recheck_unix is not None and state in RECHECKED) or (
+            state == NodeState.QUARANTINED and node.reason.startswith(health.REASON_PREFIX)
+        )
+        reply = self._reply(s, node).model_copy(
+            update={"time_unix": self.clock(), "health_recheck": recheck}
+        )
+        assignment = reply.assignment
+        part = reply_part(
+            assignment.model_dump_json().encode() if assignment else b"null",
+            reply.stop_grace_s,
+        )
+        seen: dict[int, str] = {
+            w.rank: str(w.state)
+            for w in hb.workers
+            if assignment is not None and w.attempt_id == assignment.attempt_id
+        }
+        job_id = assignment.job_id if assignment else None
+        return reply, (part, job_id, seen, node.last_heartbeat_unix)
 
     def _preflight_failed(
         self, s: Session, node: Node, message: str, data: dict[str, Any], detected: float
@@ -490,7 +623,7 @@ class Controller:
                 keep_jobs=self._live_jobs(s),
                 peer_tokens=self._peer_tokens(s, node, None),
             )
-        spec = JobSpec.model_validate(job.spec)
+        spec = self.spec_of(job)
         node_rank = attempt.node_ids.index(node.id)
         per = spec.nproc_per_node
         policy = spec.restart
@@ -501,10 +634,8 @@ class Controller:
         }
         if spec.checkpoint_dir:
             job_env[env.CHECKPOINT_DIR] = spec.checkpoint_dir
-        peers = [n for n in (s.get(Node, i) for i in attempt.node_ids) if n is not None]
-        infos = [NodeInfo(n.id, n.agent_url, dict(n.labels)) for n in peers]
-        placement = place_replicas(infos, spec.memory.replicas, spec.memory.failure_domain_label)
-        urls = {n.id: n.agent_url for n in peers}
+        plan = self._plan(s, attempt, spec)
+        placement, urls = plan.placement, plan.urls
         durable_interval = spec.memory.durable_interval
         if durable_interval == "auto":
             durable_interval = (job.checkpointing or {}).get("interval_s")
@@ -529,7 +660,7 @@ class Controller:
                 startup_timeout_s=policy.startup_timeout_s,
                 progress_regex=policy.progress_regex,
                 replicate_to=[urls[i] for i in placement.get(node.id, [])],
-                peers=[n.agent_url for n in peers if n.id != node.id],
+                peers=[url for i, url in urls.items() if i != node.id],
                 restore=attempt.restore,
                 preflight=self._preflight(spec, attempt),
                 durable_interval_s=durable_interval,
@@ -558,9 +689,34 @@ class Controller:
         ended = [str(state) for state in TERMINAL_JOB_STATES]
         return list(s.scalars(select(Job.id).where(Job.state.not_in(ended))))
 
+    def _plan(self, s: Session, attempt: Attempt, spec: JobSpec) -> _AttemptPlan:
+        """The attempt's nodes' URLs and the memory tier's placement: one load of the
+        attempt's nodes per attempt, not one per heartbeat of each of them."""
+        plan = self._plans.get(attempt.id)
+        if plan is None:
+            rows = s.execute(
+                select(Node.id, Node.agent_url, Node.labels).where(Node.id.in_(attempt.node_ids))
+            )
+            found = {row.id: row for row in rows}
+            peers = [found[i] for i in attempt.node_ids if i in found]
+            infos = [NodeInfo(n.id, n.agent_url, dict(n.labels or {})) for n in peers]
+            plan = _AttemptPlan(
+                urls={n.id: n.agent_url for n in peers},
+                placement=place_replicas(
+                    infos, spec.memory.replicas, spec.memory.failure_domain_label
+                ),
+            )
+            self._plans[attempt.id] = plan
+        return plan
+
     def _grace(self, s: Session, node: Node) -> float:
         """Workers of a failed attempt are killed fast: their state is in the checkpoints."""
-        recent = s.scalars(select(Attempt).order_by(Attempt.id.desc()).limit(50))
+        recent = s.scalars(
+            select(Attempt)
+            .options(load_only(Attempt.id, Attempt.state, Attempt.node_ids))
+            .order_by(Attempt.id.desc())
+            .limit(50)
+        )
         last = next((a for a in recent if node.id in a.node_ids), None)
         if last is not None and last.state == AttemptState.FAILED:
             return self.config.failed_stop_grace_s
@@ -568,6 +724,7 @@ class Controller:
 
     def worker_event(self, node_id: int, ev: WorkerEvent, credential: str | None) -> None:
         with self.lock, self.sessions.begin() as s:
+            self._flush(s)
             node = s.get(Node, node_id)
             attempt = s.get(Attempt, ev.attempt_id)
             if node is None or attempt is None:
@@ -671,6 +828,7 @@ class Controller:
 
     def cancel(self, job_id: int) -> None:
         with self.lock, self.sessions.begin() as s:
+            self._flush(s)
             job = s.get(Job, job_id)
             if job is None:
                 raise NotFoundError(f"no job {job_id}")
@@ -685,6 +843,7 @@ class Controller:
 
     def drain(self, node_id: int, drain: bool) -> None:
         with self.lock, self.sessions.begin() as s:
+            self._flush(s)
             node = s.get(Node, node_id)
             if node is None:
                 raise NotFoundError(f"no node {node_id}")
@@ -708,6 +867,7 @@ class Controller:
         """One pass: lost nodes, rechecks that ran out of time, recoveries, the queue. It
         records whether anything is left waiting on nodes (a heartbeat then wakes the loop)."""
         with self.lock, self.sessions.begin() as s:
+            self._flush(s)
             self._check_liveness(s)
             for node in s.scalars(select(Node).where(Node.recheck_unix.is_not(None))):
                 recovery.settle_recheck(self, s, node)  # verdicts that come by time: none in time
@@ -722,19 +882,33 @@ class Controller:
             ):
                 if not self._schedule(s, job):
                     break  # strict priority order: nothing jumps the queue's head
-            waiting = select(Job.id).where(Job.state.in_([JobState.RECOVERING, JobState.QUEUED]))
+            # Only a recovery waits on heartbeats (its last nodes proving they are alive); a
+            # queued job waits on nodes turning free, which are decisions and wake the loop.
+            waiting = select(Job.id).where(Job.state == JobState.RECOVERING)
             self._waiting = s.scalar(waiting.limit(1)) is not None
 
     def _check_liveness(self, s: Session) -> None:
+        """Silent nodes are found in memory (the fast lane's heartbeat times); only they are
+        loaded. Silence counts from the controller's start and from the last time it was
+        behind (shedding requests or stalled): a heartbeat it did not take is not silence."""
+        drained = select(Node).where(Node.state == NodeState.DRAINING, Node.attempt_id.is_(None))
+        for node in s.scalars(drained):
+            self._set_node(s, node, NodeState.DRAINED, "no work left")
         deadline = self.clock() - self.config.node_lost_after_s
-        for node in s.scalars(select(Node)):
+        floor = max(self.started_unix, self.live.behind_unix)
+        heard_of = {
+            n.id: n.last_heartbeat_unix
+            for n in list(self.live.nodes.values())
+            if n.state in LIVE_NODE_STATES and max(n.last_heartbeat_unix, floor) < deadline
+        }
+        if not heard_of:
+            return
+        for node in s.scalars(select(Node).where(Node.id.in_(heard_of)).order_by(Node.id)):
             state = NodeState(node.state)
-            if state == NodeState.DRAINING and node.attempt_id is None:
-                self._set_node(s, node, NodeState.DRAINED, "no work left")
-            heard = max(node.last_heartbeat_unix, self.started_unix)
-            if state not in LIVE_NODE_STATES or heard >= deadline:
+            last = max(node.last_heartbeat_unix, heard_of[node.id])
+            if state not in LIVE_NODE_STATES or max(last, floor) >= deadline:
                 continue
-            silent = self.clock() - node.last_heartbeat_unix
+            silent = self.clock() - last
             self._set_node(s, node, NodeState.LOST, f"no heartbeat for {silent:.1f} s")
             self._fail_node_attempt(
                 s, node, f"node lost: {node.name} silent for {silent:.1f} s", policy.Fault.NODE_LOST
@@ -754,7 +928,12 @@ class Controller:
         return sorted(nodes, key=lambda n: (len(n.failures), n.id))
 
     def _schedule(self, s: Session, job: Job) -> bool:
-        spec = JobSpec.model_validate(job.spec)
+        spec = self.spec_of(job)
+        ready = select(func.count(Node.id)).where(
+            Node.state == NodeState.READY, Node.attempt_id.is_(None)
+        )
+        if (s.scalar(ready) or 0) - self.config.reserve_spares < spec.nodes:
+            return False  # counted, not loaded: a pass with a job that does not fit is cheap
         free = self._free_nodes(s)
         if len(free) - self.config.reserve_spares < spec.nodes:
             return False
@@ -835,6 +1014,12 @@ class Controller:
             nodes=[n.name for n in nodes],
             port=attempt.master_port,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _AttemptPlan:
+    urls: dict[int, str]  # node id -> agent URL, in the attempt's node order
+    placement: dict[int, list[int]]  # node id -> the nodes it replicates its snapshots to
 
 
 def _runs_rank(s: Session, attempt: Attempt, node: Node, rank: int) -> bool:
