@@ -1,0 +1,1 @@
+"""Parts of bench/controller_scale.py: the simulated nodes, /proc accounting, the report."""
