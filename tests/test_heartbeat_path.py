@@ -40,6 +40,16 @@ def cluster(tmp_path: Path, db_url: str) -> Cluster:
     return Cluster(tmp_path / "controller", db_url)
 
 
+def _deciding(cluster: Cluster, name: str) -> dict[str, Any]:
+    """A heartbeat that takes the decision path: it carries a notice (an event to record)."""
+    notice = {"kind": "snapshot_evicted", "message": "m", "time_unix": cluster.clock()}
+    return {
+        "agent_instance": cluster.instances[name],
+        "time_unix": cluster.clock(),
+        "notices": [notice],
+    }
+
+
 def _busy_cluster(cluster: Cluster, nodes: int) -> tuple[int, list[int], int]:
     """``nodes`` registered nodes running one job across all of them: (job, node ids, attempt)."""
     ids = [cluster.register(f"n{i}") for i in range(nodes)]
@@ -155,7 +165,7 @@ def test_overload_is_answered_at_once_with_retry_after(
     once, and the controller counts itself behind (it holds its lost verdicts)."""
     node = cluster.register("n1")
     monkeypatch.setattr(api, "MAX_WAITING_DECISIONS", 0)
-    body = {"agent_instance": cluster.instances["n1"], "time_unix": cluster.clock()}
+    body = _deciding(cluster, "n1")
     reply = cluster.http.post(
         f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.as_node(node)
     )
@@ -181,7 +191,7 @@ def test_a_request_that_waited_past_its_agents_timeout_is_dropped(
     holder.start()
     try:
         assert held.wait(30)
-        body = {"agent_instance": cluster.instances["n1"], "time_unix": cluster.clock()}
+        body = _deciding(cluster, "n1")
         reply = cluster.http.post(
             f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.as_node(node)
         )
@@ -207,5 +217,67 @@ def test_clock_is_the_injected_one(tmp_path: Path) -> None:
     cluster.heartbeat(node, "n1")
     clock.advance(5.0)
     cluster.heartbeat(node, "n1")
-    assert cluster.controller.live.fast == 1
+    assert cluster.controller.live.fast == 2  # a new node's reply is known: no decision
     assert cluster.nodes()["n1"]["last_heartbeat_unix"] == 1005.0
+
+
+def test_a_join_storm_is_written_in_batches(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 agents registering at once: every one gets its own node and credential, in far
+    fewer transactions than registrations (group commit); an agent that asks twice (its first
+    reply was lost) gets a registration, not a 409."""
+    import asyncio
+
+    import httpx
+
+    batches: list[int] = []
+    many = cluster.controller.register_many
+
+    def counted(regs: list[Any]) -> list[Any]:
+        batches.append(len(regs))
+        return many(regs)
+
+    monkeypatch.setattr(cluster.controller, "register_many", counted)
+
+    def body(i: int) -> dict[str, Any]:
+        return {
+            "name": f"storm{i}",
+            "hostname": f"storm{i}",
+            "address": "127.0.0.1",
+            "agent_url": "http://127.0.0.1:1",
+            "agent_instance": f"i{i}",
+            "cpus": 2,
+            "memory_bytes": 1 << 30,
+            "agent_version": "test",
+            "time_unix": cluster.clock(),
+        }
+
+    async def storm() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=cluster.http.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+            calls = [
+                client.post("/api/v1/nodes/register", json=body(i), headers=cluster.agent)
+                for i in [*range(200), 7]  # storm7 asks twice
+            ]
+            return list(await asyncio.gather(*calls))
+
+    replies = asyncio.run(storm())
+    assert [r.status_code for r in replies] == [200] * 201, replies[0].text
+    ids = {r.json()["node_id"] for r in replies}
+    assert len(ids) == 200 and sum(batches) <= 201 and len(batches) < 50
+    assert len(cluster.nodes()) == 200
+
+
+def test_a_heartbeat_that_waited_in_the_controller_marks_it_behind(cluster: Cluster) -> None:
+    """Each node's quickest delivery is its baseline; a heartbeat 3 s slower than that waited
+    in the controller's queues (nobody shed it, it just sat): the controller is behind."""
+    node = cluster.register("n1")
+    cluster.heartbeat(node, "n1")
+    assert cluster.controller.live.behind_unix < cluster.clock()
+    body = {"agent_instance": cluster.instances["n1"], "time_unix": cluster.clock() - 3.0}
+    reply = cluster.http.post(
+        f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.as_node(node)
+    )
+    assert reply.status_code == 200
+    assert cluster.controller.live.behind_unix == cluster.clock()

@@ -29,7 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer_group
 from starlette.concurrency import run_in_threadpool
 
 from ironpod import __version__
@@ -59,6 +59,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 Id = Annotated[int, Path(ge=0, le=INT64_MAX)]
 Offset = Annotated[int, Query(ge=0, le=INT64_MAX)]
 _ID_RE = re.compile(r"[0-9]{1,19}")
+#: A whole row, its JSON columns too (they load only when read otherwise: db.py).
+WHOLE = undefer_group("json")
 
 
 class ErrorBody(BaseModel):
@@ -140,6 +142,75 @@ class DecisionGate:
         finally:
             with self._count:
                 self._waiting -= 1
+
+
+#: Registrations waiting for a batch; beyond this a join storm is told to come back later.
+MAX_WAITING_REGISTRATIONS = 20_000
+#: The most registrations one transaction takes.
+REGISTRATION_BATCH = 500
+
+
+class RegistrationBatcher:
+    """Group commit for join storms: registrations that arrive while a batch is being
+    written wait for the next one, and each batch is one transaction (Controller.
+    register_many): 10,000 agents joining at once cost tens of commits, not 10,000."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+        self._pending: list[tuple[NodeRegistration, asyncio.Future[Any], float]] = []
+        self._running = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def register(self, reg: NodeRegistration) -> RegistrationReply:
+        ctl = self._controller
+        if len(self._pending) >= MAX_WAITING_REGISTRATIONS:
+            ctl.live.fell_behind(ctl.clock())
+            raise BusyError()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((reg, done, time.monotonic()))
+        if not self._running:
+            self._running = True
+            self._task = asyncio.create_task(self._drain())
+        reply = await done
+        if isinstance(reply, Exception):
+            raise reply
+        assert isinstance(reply, RegistrationReply)
+        return reply
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                taken = self._pending[:REGISTRATION_BATCH]
+                del self._pending[:REGISTRATION_BATCH]
+                stale = time.monotonic() - STALE_AFTER_S
+                for _, done, arrived in taken:
+                    if arrived < stale and not done.done():  # its agent gave up and retries
+                        self._controller.live.fell_behind(self._controller.clock())
+                        done.set_exception(BusyError())
+                batch = [(reg, done) for reg, done, _ in taken if not done.done()]
+                if not batch:
+                    continue
+                # the same agent asking twice (it retried) gets one registration
+                last = {reg.name: reg for reg, _ in batch}
+                regs = list(last.values())
+                try:
+                    replies = await run_in_threadpool(self._controller.register_many, regs)
+                    by_name: dict[str, Any] = {
+                        r.name: a for r, a in zip(regs, replies, strict=True)
+                    }
+                except Exception as exc:  # the whole batch failed (the database): each says so
+                    by_name = {reg.name: exc for reg in regs}
+                for reg, done in batch:
+                    if done.done():
+                        continue
+                    answer = by_name[reg.name]
+                    if last[reg.name].agent_instance != reg.agent_instance:
+                        answer = NodeNameTakenError(
+                            f"node name {reg.name!r} is being registered by another agent"
+                        )
+                    done.set_result(answer)
+        finally:
+            self._running = False
 
 
 async def _watch_loop(controller: Controller) -> None:
@@ -258,6 +329,7 @@ def create_app(
     )
     app.add_middleware(BodyLimit)
     gate = DecisionGate(controller)
+    registrations = RegistrationBatcher(controller)
 
     def admin(credentials: Credentials) -> None:
         if credentials is None:
@@ -318,8 +390,8 @@ def create_app(
     nodes_api = APIRouter(prefix="/api/v1/nodes")
 
     @nodes_api.post("/register", dependencies=[Depends(agent)])
-    async def register(request: Request, body: NodeRegistration) -> RegistrationReply:
-        return await gate.run(request, controller.register, body)
+    async def register(body: NodeRegistration) -> RegistrationReply:
+        return await registrations.register(body)
 
     @nodes_api.post("/{node_id}/heartbeat", response_model=HeartbeatReply)
     async def heartbeat(
@@ -367,7 +439,7 @@ def create_app(
     @api.get("/nodes")
     def list_nodes() -> list[dict[str, Any]]:
         with session() as s:
-            return [node_view(n) for n in s.scalars(select(Node).order_by(Node.id))]
+            return [node_view(n) for n in s.scalars(select(Node).options(WHOLE).order_by(Node.id))]
 
     def set_drain(ref: str, drain: bool) -> dict[str, Any]:
         with session() as s:
@@ -399,7 +471,9 @@ def create_app(
                 query = query.where(Job.state == state)
             out = []
             for job in s.scalars(query):
-                attempts = list(s.scalars(select(Attempt).where(Attempt.job_id == job.id)))
+                attempts = list(
+                    s.scalars(select(Attempt).options(WHOLE).where(Attempt.job_id == job.id))
+                )
                 view = job_view(job, attempts)
                 view["goodput"] = goodput(job, attempts, controller.clock())
                 view.pop("attempts")
@@ -410,7 +484,9 @@ def create_app(
     def get_job(ref: str) -> dict[str, Any]:
         with session() as s:
             job = find_job(s, ref)
-            attempts = list(s.scalars(select(Attempt).where(Attempt.job_id == job.id)))
+            attempts = list(
+                s.scalars(select(Attempt).options(WHOLE).where(Attempt.job_id == job.id))
+            )
             view = job_view(job, attempts)
             view["goodput"] = goodput(job, attempts, controller.clock())
             return view
@@ -427,7 +503,10 @@ def create_app(
         with session() as s:
             job = find_job(s, ref)
             rows = s.scalars(
-                select(Attempt).where(Attempt.job_id == job.id).order_by(Attempt.number)
+                select(Attempt)
+                .options(WHOLE)
+                .where(Attempt.job_id == job.id)
+                .order_by(Attempt.number)
             )
             return [attempt_view(a) for a in rows]
 

@@ -125,8 +125,14 @@ class Attempt(Base):
     last_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     median_step_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     end_cause: Mapped[str] = mapped_column(Text, default="")
-    ranks: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: Per-rank state: one entry per rank, so deferred (a heartbeat loads the attempt, not
+    #: a 1,000-rank record); ``undefer_group("json")`` where a whole row is read.
+    ranks: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, deferred=True, deferred_group="json"
+    )
+    metrics: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, deferred=True, deferred_group="json"
+    )
     #: The restore plan the attempt started with (wire.RestorePlan), None: durable tier.
     restore: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     #: How the attempt failed (ironpod.controller.policy.signature); "" unless a fault of the

@@ -68,6 +68,9 @@ class LiveNode:
     job_id: int | None = None
     #: rank -> the worker state the decision path last saw, for the node's attempt.
     ranks: dict[int, str] = field(default_factory=dict)
+    #: The least (controller clock - the heartbeat's own time) seen: clock skew plus the
+    #: quickest delivery. A heartbeat later than this by LATE_S waited for the controller.
+    delay_floor: float = math.inf
 
 
 @dataclass(slots=True)
@@ -105,12 +108,20 @@ class Live:
         self.live_jobs = frozenset(jobs)
         self.live_jobs_json = json.dumps(sorted(jobs)).encode()
 
-    def take(self) -> tuple[dict[int, Beat], dict[int, dict[int, dict[str, Any]]]]:
-        """Everything waiting for the database, handed over once."""
+    def take(
+        self, *, ranks: bool = True
+    ) -> tuple[dict[int, Beat], dict[int, dict[int, dict[str, Any]]]]:
+        """What waits for the database, handed over once (the ranks' too unless not asked)."""
         with self.lock:
             beats, self.beats = self.beats, {}
-            ranks, self.ranks = self.ranks, {}
-        return beats, ranks
+            taken: dict[int, dict[int, dict[str, Any]]] = {}
+            if ranks:
+                taken, self.ranks = self.ranks, {}
+        return beats, taken
+
+    def pend_rank(self, attempt_id: int, rank: int, status: dict[str, Any]) -> None:
+        with self.lock:
+            self.ranks.setdefault(attempt_id, {})[rank] = status
 
     def remember(
         self, node_id: int, part: bytes, job_id: int | None, ranks: dict[int, str], heard: float
@@ -125,6 +136,21 @@ class Live:
 
     def fell_behind(self, now: float) -> None:
         self.behind_unix = max(self.behind_unix, now)
+
+
+#: A heartbeat that took this much longer than the node's quickest waited in the controller's
+#: queues: the controller is behind and holds its lost verdicts (Controller._check_liveness).
+LATE_S = 2.0
+
+
+def note_delay(ctl: Controller, node: LiveNode, now: float, sent_unix: float) -> None:
+    """Compare the heartbeat's delay with the node's quickest: a late one marks the
+    controller behind (silence while it was behind may be its own doing, not the node's)."""
+    delay = now - sent_unix
+    if delay < node.delay_floor:
+        node.delay_floor = delay
+    elif delay - node.delay_floor > LATE_S:
+        ctl.live.fell_behind(now)
 
 
 def reply_part(assignment_json: bytes, stop_grace_s: float) -> bytes:
@@ -173,6 +199,7 @@ def fast_heartbeat(
         if status.attempt_id != node.attempt_id or node.ranks.get(status.rank) != status.state:
             return None  # a worker started, ended or is not the node's: a decision
     now = ctl.clock()
+    note_delay(ctl, node, now, hb.time_unix)
     beat = Beat(
         time_unix=now,
         clock_skew_s=now - hb.time_unix,
@@ -259,7 +286,7 @@ def forget_changes(session: Session) -> None:
     session.info.pop("live", None)
 
 
-def apply_changes(live: Live, session: Session) -> set[int]:
+def apply_changes(live: Live, session: Session, idle_part: bytes) -> set[int]:
     """``after_commit``: what the transaction changed reaches the fast lane; the nodes it
     touched answer their next heartbeat on the decision path, with a fresh reply. Returns the
     attempts that ended (their cached plans go)."""
@@ -269,7 +296,9 @@ def apply_changes(live: Live, session: Session) -> set[int]:
     with live.lock:
         for values in changes.nodes.values():
             node = live.nodes.get(values.id)
-            if node is None:
+            if node is None:  # a new node: idle, so its reply is known without asking
+                if values.attempt_id is None and values.state in FAST_STATES:
+                    values.part = idle_part
                 live.nodes[values.id] = values
                 continue
             node.agent_instance = values.agent_instance

@@ -35,6 +35,7 @@ from ironpod.controller.live import (
     apply_changes,
     collect_changes,
     forget_changes,
+    note_delay,
     reply_part,
 )
 from ironpod.controller.memory import NodeInfo, place_replicas, plan_restore, young_daly
@@ -156,6 +157,8 @@ class Controller:
         self._specs: dict[int, JobSpec] = {}
         #: Per running attempt: its nodes' URLs and the memory tier's placement, computed once.
         self._plans: dict[int, _AttemptPlan] = {}
+        #: A new node's reply until a decision changes it: no assignment, the normal grace.
+        self._idle_part = reply_part(b"null", config.stop_grace_s)
         sa_event.listen(self.sessions, "after_flush", collect_changes)
         sa_event.listen(self.sessions, "after_commit", self._apply_changes)
         sa_event.listen(self.sessions, "after_rollback", forget_changes)
@@ -208,13 +211,15 @@ class Controller:
 
     def _apply_changes(self, session: Session) -> None:
         """After a commit: what the decision changed reaches the fast lane."""
-        for attempt_id in apply_changes(self.live, session):
+        for attempt_id in apply_changes(self.live, session, self._idle_part):
             self._plans.pop(attempt_id, None)
 
-    def _flush(self, s: Session) -> None:
-        """Write what fast heartbeats left in memory; every decision starts with this, so
-        it decides on the newest facts (and the reconciler's pass runs it once a period)."""
-        beats, ranks = self.live.take()
+    def _flush(self, s: Session, *, ranks: bool = True) -> None:
+        """Write what heartbeats left in memory; every decision starts with this, so it
+        decides on the newest facts (and the reconciler's pass runs it once a period).
+        ``ranks=False`` (heartbeats, registrations): the nodes' times only; the per-rank
+        progress, a merge into each attempt's record, waits for the next pass or read."""
+        beats, ranks_of = self.live.take(ranks=ranks)
         if beats:
             s.execute(
                 update(Node),
@@ -235,7 +240,7 @@ class Controller:
             ]
             if memory:
                 s.execute(update(Node), memory)
-        for attempt_id, statuses in ranks.items():
+        for attempt_id, statuses in ranks_of.items():
             attempt = s.get(Attempt, attempt_id)
             if attempt is None or attempt.state in TERMINAL_ATTEMPT_STATES:
                 continue
@@ -340,68 +345,89 @@ class Controller:
     # -- agents
 
     def register(self, reg: NodeRegistration) -> RegistrationReply:
+        reply = self.register_many([reg])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def register_many(
+        self, regs: list[NodeRegistration]
+    ) -> list[RegistrationReply | NodeNameTakenError]:
+        """Registrations in one transaction (one commit for a join storm's batch, see
+        api.RegistrationBatcher); a name held by a live agent fails only its own."""
+        out: list[RegistrationReply | NodeNameTakenError] = []
         with self.lock, self.sessions.begin() as s:
-            self._flush(s)
-            node = s.scalar(select(Node).where(Node.name == reg.name))
-            fields = {
-                "hostname": reg.hostname,
-                "address": reg.address,
-                "agent_url": reg.agent_url,
-                "cpus": reg.cpus,
-                "memory_bytes": reg.memory_bytes,
-                "gpus": [g.model_dump() for g in reg.gpus],
-                "labels": dict(reg.labels),
-                "last_heartbeat_unix": self.clock(),
-                "clock_skew_s": self.clock() - reg.time_unix,
-            }
-            credential = secrets.token_urlsafe(32)  # new at every registration
-            if node is not None:
-                self._check_takeover(node, reg)
-            if node is None:
-                node = Node(
-                    name=reg.name,
-                    registered_unix=self.clock(),
-                    agent_instance=reg.agent_instance,
-                    state=NodeState.JOINING,
-                    reason="",
-                    failures=[],
-                    **fields,
-                )
-                s.add(node)
-                s.flush()
-                self._event(s, "node_registered", "new node", node=node, cpus=reg.cpus)
-                self._set_node(s, node, NodeState.READY, "joined")
-                if reg.health is not None:
-                    health.apply_health(self, s, node, reg.health)
-            else:
-                restarted = node.agent_instance != reg.agent_instance
-                for key, value in fields.items():
-                    setattr(node, key, value)
-                node.agent_instance = reg.agent_instance
-                if restarted:
-                    self._fail_node_attempt(
-                        s, node, f"agent restarted on node {node.name}", policy.Fault.AGENT_RESTART
-                    )
-                    self._event(s, "agent_restarted", f"node {node.name}", node=node)
-                if NodeState(node.state) in {NodeState.LOST, NodeState.JOINING}:
-                    recovery.return_node(self, s, node, "agent registered again")
-                if reg.health is not None:
-                    health.apply_health(self, s, node, reg.health)
-                if node.recheck_unix is not None:
-                    recovery.settle_recheck(self, s, node)
-            node.credential_sha256 = credential_hash(credential)
-            return RegistrationReply(
-                node_id=node.id,
-                heartbeat_interval_s=self.config.heartbeat_interval_s,
-                credential=credential,
-                log_token=self.log_token(node),
+            self._flush(s, ranks=False)
+            for reg in regs:
+                try:
+                    out.append(self._register(s, reg))
+                except NodeNameTakenError as exc:  # raised before any change
+                    out.append(exc)
+        return out
+
+    def _register(self, s: Session, reg: NodeRegistration) -> RegistrationReply:
+        node = s.scalar(select(Node).where(Node.name == reg.name))
+        fields = {
+            "hostname": reg.hostname,
+            "address": reg.address,
+            "agent_url": reg.agent_url,
+            "cpus": reg.cpus,
+            "memory_bytes": reg.memory_bytes,
+            "gpus": [g.model_dump() for g in reg.gpus],
+            "labels": dict(reg.labels),
+            "last_heartbeat_unix": self.clock(),
+            "clock_skew_s": self.clock() - reg.time_unix,
+        }
+        credential = secrets.token_urlsafe(32)  # new at every registration
+        if node is not None:
+            self._check_takeover(node, reg)
+        if node is None:
+            node = Node(
+                name=reg.name,
+                registered_unix=self.clock(),
+                agent_instance=reg.agent_instance,
+                state=NodeState.JOINING,
+                reason="",
+                failures=[],
+                **fields,
             )
+            s.add(node)
+            s.flush()
+            self._event(s, "node_registered", "new node", node=node, cpus=reg.cpus)
+            self._set_node(s, node, NodeState.READY, "joined")
+            if reg.health is not None:
+                health.apply_health(self, s, node, reg.health)
+        else:
+            restarted = node.agent_instance != reg.agent_instance
+            for key, value in fields.items():
+                setattr(node, key, value)
+            node.agent_instance = reg.agent_instance
+            if restarted:
+                self._fail_node_attempt(
+                    s, node, f"agent restarted on node {node.name}", policy.Fault.AGENT_RESTART
+                )
+                self._event(s, "agent_restarted", f"node {node.name}", node=node)
+            if NodeState(node.state) in {NodeState.LOST, NodeState.JOINING}:
+                recovery.return_node(self, s, node, "agent registered again")
+            if reg.health is not None:
+                health.apply_health(self, s, node, reg.health)
+            if node.recheck_unix is not None:
+                recovery.settle_recheck(self, s, node)
+        node.credential_sha256 = credential_hash(credential)
+        return RegistrationReply(
+            node_id=node.id,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            credential=credential,
+            log_token=self.log_token(node),
+        )
 
     def _check_takeover(self, node: Node, reg: NodeRegistration) -> None:
         """A name is taken over only by its own agent (it proves it with the credential it
         was given), or once the node is lost (no heartbeat for ``node_lost_after_s``)."""
         if not node.credential_sha256 or _same_hash(reg.credential, node.credential_sha256):
             return
+        if reg.agent_instance == node.agent_instance:
+            return  # the same agent process asking again: the reply to its first was lost
         quiet_s = self.clock() - node.last_heartbeat_unix
         if quiet_s >= self.config.node_lost_after_s:
             return
@@ -422,7 +448,7 @@ class Controller:
         those that decide nothing). Its reply's node part is cached for the fast lane."""
         with self.lock:
             with self.sessions.begin() as s:
-                self._flush(s)
+                self._flush(s, ranks=False)
                 reply, cached = self._heartbeat(s, node_id, hb, credential)
             if cached is not None:  # after the commit, before any other decision
                 self.live.remember(node_id, *cached)
@@ -441,6 +467,8 @@ class Controller:
             return HeartbeatReply(reregister=True), None
         node.last_heartbeat_unix = self.clock()
         node.clock_skew_s = self.clock() - hb.time_unix
+        if (known := self.live.nodes.get(node.id)) is not None:
+            note_delay(self, known, self.clock(), hb.time_unix)
         if self._waiting:  # a job may wait for this node to prove itself alive
             self.wake.set()
         node.snapshots = [h.model_dump() for h in hb.snapshots]
@@ -461,25 +489,19 @@ class Controller:
             health.apply_health(self, s, node, hb.health)
         if node.recheck_unix is not None:
             recovery.settle_recheck(self, s, node)
-        touched: dict[int, Attempt] = {}
         for status in hb.workers:
             attempt = s.get(Attempt, status.attempt_id)
-            if attempt is None or not _runs_rank(s, attempt, node, status.rank):
+            if attempt is None or not self._runs_rank(s, attempt, node, status.rank):
                 continue  # a node reports only on its own ranks
-            touched[attempt.id] = attempt
-            ranks = dict(attempt.ranks)
-            ranks[str(status.rank)] = {**ranks.get(str(status.rank), {}), **status.model_dump()}
-            attempt.ranks = ranks
+            # the status itself waits for the write-behind (one merge per attempt per pass,
+            # not one rewrite of a 1,000-rank record per heartbeat); a start is decided now
+            self.live.pend_rank(attempt.id, status.rank, status.model_dump())
             if status.state == "running" and attempt.state == AttemptState.STARTING:
                 self._set_attempt(s, attempt, AttemptState.RUNNING, "workers running")
                 attempt.running_unix = self.clock()
                 job = s.get(Job, attempt.job_id)
                 if job is not None and job.state == JobState.STARTING:
                     self._set_job(s, job, JobState.RUNNING, f"attempt {attempt.number} running")
-        for attempt in touched.values():  # once per attempt, however many ranks reported
-            self._update_progress(s, attempt)
-            if attempt.state == AttemptState.RUNNING:
-                self._check_stragglers(s, attempt)
         # A node out for a failed check, or blamed too often, is rechecked with the deep
         # suite, not the light one.
         state = NodeState(node.state)
@@ -624,7 +646,8 @@ class Controller:
                 peer_tokens=self._peer_tokens(s, node, None),
             )
         spec = self.spec_of(job)
-        node_rank = attempt.node_ids.index(node.id)
+        plan = self._plan(s, attempt, spec)
+        node_rank = plan.index[node.id]
         per = spec.nproc_per_node
         policy = spec.restart
         job_env = {
@@ -634,7 +657,6 @@ class Controller:
         }
         if spec.checkpoint_dir:
             job_env[env.CHECKPOINT_DIR] = spec.checkpoint_dir
-        plan = self._plan(s, attempt, spec)
         placement, urls = plan.placement, plan.urls
         durable_interval = spec.memory.durable_interval
         if durable_interval == "auto":
@@ -702,12 +724,21 @@ class Controller:
             infos = [NodeInfo(n.id, n.agent_url, dict(n.labels or {})) for n in peers]
             plan = _AttemptPlan(
                 urls={n.id: n.agent_url for n in peers},
+                index={node_id: i for i, node_id in enumerate(attempt.node_ids)},
                 placement=place_replicas(
                     infos, spec.memory.replicas, spec.memory.failure_domain_label
                 ),
             )
             self._plans[attempt.id] = plan
         return plan
+
+    def _runs_rank(self, s: Session, attempt: Attempt, node: Node, rank: int) -> bool:
+        """Whether ``node`` runs ``rank`` of ``attempt`` (ranks are laid out node by node)."""
+        job = s.get(Job, attempt.job_id)
+        if job is None:
+            return False
+        index = self._plan(s, attempt, self.spec_of(job)).index.get(node.id)
+        return index is not None and rank >= 0 and rank // self.spec_of(job).nproc_per_node == index
 
     def _grace(self, s: Session, node: Node) -> float:
         """Workers of a failed attempt are killed fast: their state is in the checkpoints."""
@@ -730,7 +761,7 @@ class Controller:
             if node is None or attempt is None:
                 raise NotFoundError(f"unknown node {node_id} or attempt {ev.attempt_id}")
             self.check_node(s, node, credential)
-            if not _runs_rank(s, attempt, node, ev.rank):
+            if not self._runs_rank(s, attempt, node, ev.rank):
                 raise NodeAuthError(
                     f"node {node.name} does not run rank {ev.rank} of attempt {attempt.id}"
                 )
@@ -1019,14 +1050,5 @@ class Controller:
 @dataclass(frozen=True, slots=True)
 class _AttemptPlan:
     urls: dict[int, str]  # node id -> agent URL, in the attempt's node order
+    index: dict[int, int]  # node id -> its node rank in the attempt
     placement: dict[int, list[int]]  # node id -> the nodes it replicates its snapshots to
-
-
-def _runs_rank(s: Session, attempt: Attempt, node: Node, rank: int) -> bool:
-    """Whether ``node`` runs ``rank`` of ``attempt`` (ranks are laid out node by node)."""
-    if node.id not in attempt.node_ids:
-        return False
-    job = s.get(Job, attempt.job_id)
-    per_node = int((job.spec if job is not None else {}).get("nproc_per_node") or 1)
-    index = rank // per_node if rank >= 0 else -1
-    return 0 <= index < len(attempt.node_ids) and attempt.node_ids[index] == node.id
