@@ -281,3 +281,24 @@ def test_a_heartbeat_that_waited_in_the_controller_marks_it_behind(cluster: Clus
     )
     assert reply.status_code == 200
     assert cluster.controller.live.behind_unix == cluster.clock()
+
+
+def test_the_http_lane_leaves_what_it_cannot_answer_to_the_api(cluster: Cluster) -> None:
+    """api.HeartbeatLane answers plain heartbeats before FastAPI; a bad body, a wrong
+    credential or no token still get the API's own answers."""
+    node = cluster.register("n1")
+    url = f"/api/v1/nodes/{node}/heartbeat"
+    bad = cluster.http.post(url, json={"time_unix": 1}, headers=cluster.as_node(node))
+    assert bad.status_code == 422 and "agent_instance" in bad.text
+    body = {"agent_instance": cluster.instances["n1"], "time_unix": cluster.clock()}
+    wrong = cluster.http.post(url, json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 200 and wrong.json()["reregister"] is True
+    assert cluster.http.post(url, json=body).status_code == 401
+    huge = cluster.http.post(
+        "/api/v1/nodes/99999999999999999999/heartbeat", json=body, headers=cluster.as_node(node)
+    )
+    assert huge.status_code == 422
+    fast = cluster.controller.live.fast
+    ok = cluster.http.post(url, json=body, headers=cluster.as_node(node))
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    assert cluster.controller.live.fast == fast + 1
