@@ -15,9 +15,10 @@ from ironpod.controller import api
 from ironpod.controller.server import check_liveness_timing, keep_alive_s
 from ironpod.controller.service import Controller, ControllerConfig
 from ironpod.errors import ConfigError
-from tests.test_controller import Clock, Cluster, db_url, running
+from tests.test_controller import Clock, Cluster, _close_pools, db_url, running
 
-__all__ = ["db_url"]  # the fixture: every test here runs on SQLite and PostgreSQL
+# fixtures: every test here runs on SQLite and PostgreSQL, and closes its connection pools
+__all__ = ["_close_pools", "db_url"]
 
 
 def _same_but_time(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -132,6 +133,7 @@ def test_a_restarted_controller_answers_idle_nodes_from_memory_and_lost_nothing(
     cluster.heartbeat(ids[0], "n0", workers=[running(attempt, step=5)])
     cluster.controller.sync()
     again = Controller(cluster.url, cluster.state_dir, ControllerConfig(), clock=cluster.clock)
+    Cluster.made.append(again)
     assert again.live.nodes[idle].part is not None  # warm from the database
     assert again.live.nodes[ids[0]].part is None  # a busy node's first heartbeat decides
     cluster.controller = again
@@ -302,3 +304,21 @@ def test_the_http_lane_leaves_what_it_cannot_answer_to_the_api(cluster: Cluster)
     ok = cluster.http.post(url, json=body, headers=cluster.as_node(node))
     assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
     assert cluster.controller.live.fast == fast + 1
+
+
+def test_one_node_whose_clock_was_stepped_back_does_not_hold_every_lost_verdict(
+    cluster: Cluster,
+) -> None:
+    node = cluster.register("n1")
+    cluster.heartbeat(node, "n1")
+    live = cluster.controller.live
+    marks = []
+    for _ in range(5):  # every beat 10 s "late": its clock went back 10 s
+        cluster.clock.advance(1.0)
+        body = {"agent_instance": cluster.instances["n1"], "time_unix": cluster.clock() - 10}
+        reply = cluster.http.post(
+            f"/api/v1/nodes/{node}/heartbeat", json=body, headers=cluster.as_node(node)
+        )
+        assert reply.status_code == 200
+        marks.append(live.behind_unix == cluster.clock())
+    assert marks == [True, True, False, False, False]

@@ -71,6 +71,8 @@ class LiveNode:
     #: The least (controller clock - the heartbeat's own time) seen: clock skew plus the
     #: quickest delivery. A heartbeat later than this by LATE_S waited for the controller.
     delay_floor: float = math.inf
+    #: Late heartbeats in a row: a node late on every beat had its clock stepped back.
+    late: int = 0
 
 
 @dataclass(slots=True)
@@ -141,6 +143,10 @@ class Live:
 #: A heartbeat that took this much longer than the node's quickest waited in the controller's
 #: queues: the controller is behind and holds its lost verdicts (Controller._check_liveness).
 LATE_S = 2.0
+#: A node whose heartbeats are late this many times in a row is a node whose clock was
+#: stepped back, not a controller behind: its baseline moves (one node's clock must not hold
+#: every lost verdict of the cluster).
+LATE_IN_A_ROW = 3
 
 
 def note_delay(ctl: Controller, node: LiveNode, now: float, sent_unix: float) -> None:
@@ -148,9 +154,15 @@ def note_delay(ctl: Controller, node: LiveNode, now: float, sent_unix: float) ->
     controller behind (silence while it was behind may be its own doing, not the node's)."""
     delay = now - sent_unix
     if delay < node.delay_floor:
-        node.delay_floor = delay
+        node.delay_floor, node.late = delay, 0
     elif delay - node.delay_floor > LATE_S:
-        ctl.live.fell_behind(now)
+        node.late += 1
+        if node.late >= LATE_IN_A_ROW:  # not us: its clock moved (NTP stepped it back)
+            node.delay_floor, node.late = delay, 0
+        else:
+            ctl.live.fell_behind(now)
+    else:
+        node.late = 0
 
 
 def reply_part(assignment_json: bytes, stop_grace_s: float) -> bytes:

@@ -358,16 +358,38 @@ class Controller:
         out: list[RegistrationReply | NodeNameTakenError] = []
         with self.lock, self.sessions.begin() as s:
             self._flush(s, ranks=False)
-            for reg in regs:
-                try:
-                    out.append(self._register(s, reg))
-                except NodeNameTakenError as exc:  # raised before any change
-                    out.append(exc)
+            names = {reg.name for reg in regs}
+            known = {n.name: n for n in s.scalars(select(Node).where(Node.name.in_(names)))}
+            fresh = set()
+            for reg in regs:  # the batch's new nodes, inserted together (their ids)
+                if reg.name not in known:
+                    known[reg.name] = self._new_node(reg)
+                    s.add(known[reg.name])
+                    fresh.add(reg.name)
+            s.flush()
+            with s.no_autoflush:  # the rest goes to the database once, at the commit
+                for reg in regs:
+                    try:
+                        new = reg.name in fresh
+                        fresh.discard(reg.name)
+                        out.append(self._register(s, reg, known[reg.name], new))
+                    except NodeNameTakenError as exc:  # raised before any change
+                        out.append(exc)
         return out
 
-    def _register(self, s: Session, reg: NodeRegistration) -> RegistrationReply:
-        node = s.scalar(select(Node).where(Node.name == reg.name))
-        fields = {
+    def _new_node(self, reg: NodeRegistration) -> Node:
+        return Node(
+            name=reg.name,
+            registered_unix=self.clock(),
+            agent_instance=reg.agent_instance,
+            state=NodeState.JOINING,
+            reason="",
+            failures=[],
+            **self._node_fields(reg),
+        )
+
+    def _node_fields(self, reg: NodeRegistration) -> dict[str, Any]:
+        return {
             "hostname": reg.hostname,
             "address": reg.address,
             "agent_url": reg.agent_url,
@@ -378,28 +400,22 @@ class Controller:
             "last_heartbeat_unix": self.clock(),
             "clock_skew_s": self.clock() - reg.time_unix,
         }
+
+    def _register(
+        self, s: Session, reg: NodeRegistration, node: Node, new: bool
+    ) -> RegistrationReply:
+        """One registration of a batch: ``node`` is the row of its name (``new``: made for
+        it by this batch, JOINING)."""
         credential = secrets.token_urlsafe(32)  # new at every registration
-        if node is not None:
-            self._check_takeover(node, reg)
-        if node is None:
-            node = Node(
-                name=reg.name,
-                registered_unix=self.clock(),
-                agent_instance=reg.agent_instance,
-                state=NodeState.JOINING,
-                reason="",
-                failures=[],
-                **fields,
-            )
-            s.add(node)
-            s.flush()
+        if new:
             self._event(s, "node_registered", "new node", node=node, cpus=reg.cpus)
             self._set_node(s, node, NodeState.READY, "joined")
             if reg.health is not None:
                 health.apply_health(self, s, node, reg.health)
         else:
+            self._check_takeover(node, reg)
             restarted = node.agent_instance != reg.agent_instance
-            for key, value in fields.items():
+            for key, value in self._node_fields(reg).items():
                 setattr(node, key, value)
             node.agent_instance = reg.agent_instance
             if restarted:
