@@ -10,8 +10,9 @@ import functools
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -84,6 +85,10 @@ class Clock:
 class Cluster:
     """A controller and the HTTP client of a person (admin) and of agents (join token)."""
 
+    #: Every controller a test made: their connection pools are closed after the test (a
+    #: PostgreSQL server has 100 connection slots, and two test workers share them).
+    made: ClassVar[list[Controller]] = []
+
     def __init__(
         self, state_dir: Path, db_url: str, clock: Clock | None = None, **config: Any
     ) -> None:
@@ -94,6 +99,7 @@ class Cluster:
         self.controller = Controller(
             db_url, state_dir, ControllerConfig(**config), clock=self.clock
         )
+        Cluster.made.append(self.controller)
         client = TestClient(create_app(self.controller, self.tokens))
         self.http = client
         self.admin = {"Authorization": f"Bearer {self.tokens.admin}"}
@@ -196,6 +202,13 @@ def running(attempt_id: int, rank: int = 0, step: int | None = None) -> dict[str
         "last_progress_unix": time.time() if step else None,
         "median_step_s": 0.1 if step else None,
     }
+
+
+@pytest.fixture(autouse=True)
+def _close_pools() -> Iterator[None]:
+    yield
+    while Cluster.made:
+        Cluster.made.pop().engine.dispose()
 
 
 @pytest.fixture
