@@ -197,16 +197,8 @@ class Controller:
                     if last.get(node.id) == AttemptState.FAILED
                     else self.config.stop_grace_s
                 )
-                self.live.nodes[node.id] = LiveNode(
-                    id=node.id,
-                    agent_instance=node.agent_instance,
-                    credential_sha256=node.credential_sha256,
-                    state=node.state,
-                    attempt_id=node.attempt_id,
-                    recheck=node.recheck_unix is not None,
-                    last_heartbeat_unix=node.last_heartbeat_unix,
-                    part=reply_part(b"null", grace) if node.attempt_id is None else None,
-                )
+                idle = reply_part(b"null", grace) if node.attempt_id is None else None
+                self.live.nodes[node.id] = LiveNode.of(node, idle)
             self.live.set_live_jobs(set(self._live_jobs(s)))
 
     def _apply_changes(self, session: Session) -> None:
